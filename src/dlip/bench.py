@@ -1,0 +1,146 @@
+"""Model size and compute: parameters per module and forward FLOPs per task.
+
+What is counted (stated once, used everywhere):
+- Parameters are unique tensors: a weight tied between encoder and decoder, or between the word
+  embeddings and the LM head, counts once. Momentum copies and queues are never part of a
+  dlip model, so they are never counted.
+- `vision`: the ViT. `text`: text-encoder parameters that unimodal text runs (embeddings,
+  self-attention, feed-forward of the text-only layers). `fusion`: text-encoder parameters only
+  the image-grounded path runs (cross-attention; with `fusion_layers=k`, the whole last k
+  layers). `decoder_only`: decoder parameters not shared with the encoder (its self-attention
+  and the LM head; all of it when untied). `heads`: vision_proj, text_proj, itm_head, temp.
+- Task forms: `retrieval` = vision + text + fusion + heads (BLIP_Retrieval / HF
+  BlipForImageTextRetrieval); `captioning` = vision + every decoder parameter, shared or not
+  (BLIP_Decoder / HF BlipForConditionalGeneration); `total` = the whole model, each tensor once.
+- FLOPs come from torch.utils.flop_counter (a multiply-add counts 2), batch 1:
+  `image_embed` = encode_image; `text_embed` = encode_text of `text_len` tokens; `itm_pair` =
+  image-grounded encoder + ITM head for one pair given the image tokens; `caption_token` = one
+  decoder step with the KV cache holding `text_len - 1` tokens and the image keys/values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from dlip.config import ModelConfig
+from dlip.models.blip import BLIP
+from dlip.models.text import KVCache
+
+
+@dataclass
+class ParamCounts:
+    vision: int
+    text: int
+    fusion: int
+    decoder_only: int
+    heads: int
+    retrieval: int
+    captioning: int
+    total: int
+
+
+def param_counts(model: BLIP) -> ParamCounts:
+    cfg = model.config
+    seen: set[int] = set()
+
+    def count(modules: list[nn.Module | nn.Parameter]) -> int:
+        n = 0
+        for m in modules:
+            params = [m] if isinstance(m, nn.Parameter) else list(m.parameters())
+            for p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel()
+        return n
+
+    vision = count([model.visual_encoder])
+    text = fusion = heads = 0
+    if cfg.has_encoder:
+        enc = model.text_encoder
+        split = cfg.text.text_only_layers
+        text_mods: list[nn.Module] = [enc.embeddings]
+        fusion_mods: list[nn.Module] = []
+        for i, layer in enumerate(enc.encoder.layer):
+            if i < split:
+                text_mods += [layer.attention, layer.intermediate, layer.output]
+                if layer.crossattention is not None:
+                    fusion_mods.append(layer.crossattention)
+            else:
+                fusion_mods.append(layer)
+        text = count(text_mods)
+        fusion = count(fusion_mods)
+        heads = count([model.vision_proj, model.text_proj, model.itm_head, model.temp])
+    decoder_only = count([model.text_decoder]) if cfg.has_decoder else 0
+    captioning = 0
+    if cfg.has_decoder:
+        captioning = vision + sum(p.numel() for p in model.text_decoder.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return ParamCounts(
+        vision=vision,
+        text=text,
+        fusion=fusion,
+        decoder_only=decoder_only,
+        heads=heads,
+        retrieval=vision + text + fusion + heads if cfg.has_encoder else 0,
+        captioning=captioning,
+        total=total,
+    )
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def meta_model(config: ModelConfig) -> BLIP:
+    """The model on the meta device: shapes only, no memory, no compute."""
+    with torch.device("meta"):
+        return BLIP(config).eval()
+
+
+@torch.no_grad()
+def flop_counts(config: ModelConfig, text_len: int = 30) -> dict[str, int]:
+    """Forward FLOPs at batch 1 (see module docstring).
+
+    Counted on the meta device: besides being free, it routes SDPA through its math path, whose
+    matmuls the counter sees; CPU's fused attention kernel is not counted by flop_counter.
+    """
+    model = meta_model(config)
+    cfg = config
+    size = cfg.vision.image_size
+    dev = torch.device("meta")
+    pixels = torch.zeros(1, 3, size, size, device=dev)
+    ids = torch.full((1, text_len), 1037, dtype=torch.long, device=dev)
+    mask = torch.ones(1, text_len, dtype=torch.long, device=dev)
+    image_tokens = model.encode_image(pixels).tokens
+    out = {"image_embed": _flops(lambda: model.encode_image(pixels))}
+    if cfg.has_encoder:
+        out["text_embed"] = _flops(lambda: model.encode_text(ids, mask))
+        out["itm_pair"] = _flops(lambda: model.itm_logits(image_tokens, ids, mask))
+    if cfg.has_decoder:
+        cache = KVCache.empty(cfg.text.num_layers)
+        model.decode(image_tokens, ids[:, :-1], mask[:, :-1], cache=cache)
+
+        def step() -> None:
+            step_cache = KVCache(list(cache.self_kv), list(cache.cross_kv))
+            states = model.decode(None, ids[:, -1:], mask, cache=step_cache).tokens
+            model.text_decoder.cls(states)
+
+        out["caption_token"] = _flops(step)
+    return out
+
+
+def model_info(config: ModelConfig, text_len: int = 30) -> dict:
+    return {
+        "name": config.name,
+        "image_size": config.vision.image_size,
+        "text_len": text_len,
+        "params": asdict(param_counts(meta_model(config))),
+        "flops": flop_counts(config, text_len),
+    }

@@ -1,0 +1,120 @@
+"""`dlip` command line: thin wrappers that parse arguments and call library functions.
+
+    dlip info MODEL [--image-size N] [--json] [--teacher blip_base]
+    dlip convert SRC --from salesforce --arch blip_base --out DIR
+    dlip convert SRC_DIR --from hf --out DIR
+    dlip convert MODEL_DIR --to hf --out DIR
+    dlip demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _model_config(spec: str):
+    """A preset name or a saved model directory -> ModelConfig (no weights loaded)."""
+    from dlip.config import ModelConfig
+    from dlip.models.io import CONFIG_FILE
+    from dlip.models.presets import get_config
+
+    path = Path(spec)
+    if path.is_dir():
+        return ModelConfig.load(path / CONFIG_FILE)
+    return get_config(spec)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dlip.bench import model_info
+
+    config = _model_config(args.model)
+    if args.image_size:
+        config = config.with_image_size(args.image_size)
+    info = model_info(config, text_len=args.text_len)
+    if args.teacher and args.teacher != args.model:
+        teacher = _model_config(args.teacher).with_image_size(config.vision.image_size)
+        info["teacher"] = model_info(teacher, text_len=args.text_len)
+        info["ratios"] = _ratios(info, info["teacher"])
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(_format_info(info))
+    return 0
+
+
+def _ratios(student: dict, teacher: dict) -> dict[str, float]:
+    out = {}
+    for group in ("params", "flops"):
+        for key, value in student[group].items():
+            ref = teacher[group].get(key, 0)
+            if ref and value:
+                out[f"{group}.{key}"] = value / ref
+    return out
+
+
+def _format_info(info: dict) -> str:
+    teacher = info.get("teacher")
+    head = f"{info['name']} @ {info['image_size']}px (text {info['text_len']} tokens)"
+    if teacher:
+        head += f"   vs teacher {teacher['name']}"
+    lines = [head, f"{'parameters':<22}{'count':>14}" + (f"{'teacher':>14}{'ratio':>9}" if teacher else "")]
+    for key, value in info["params"].items():
+        lines.append(_row(key, value, teacher and teacher["params"][key], 1e6, "M"))
+    lines.append(f"{'forward FLOPs':<22}")
+    for key, value in info["flops"].items():
+        ref = teacher and teacher["flops"].get(key)
+        lines.append(_row(key, value, ref, 1e9, "G"))
+    lines.append(
+        "params: unique tensors (tied weights once, no momentum copies); retrieval = vision+text+"
+        "fusion+heads, captioning = vision+whole decoder. FLOPs: torch.utils.flop_counter, batch 1."
+    )
+    return "\n".join(lines)
+
+
+def _row(key: str, value: int, ref: int | None, scale: float, unit: str) -> str:
+    row = f"  {key:<20}{value / scale:>13.2f}{unit}"
+    if ref is not None:
+        ratio = f"{value / ref:>8.1%}" if ref else f"{'-':>8}"
+        row += f"{ref / scale:>13.2f}{unit}{ratio}"
+    return row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dlip", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameters per module and forward FLOPs per task")
+    p.add_argument("model", help="preset name (dlip.list_presets()) or saved model directory")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--text-len", type=int, default=30)
+    p.add_argument("--teacher", default="blip_base", help="compare against this (''=none)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    from dlip.models.convert import add_convert_parser
+
+    add_convert_parser(sub)
+
+    from dlip.demo import add_demo_parser
+
+    add_demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from dlip.models.io import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f"dlip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Model configuration: frozen dataclasses, loaded from and saved to JSON.
+
+Architectures are data: each preset in configs/models/*.json is one `ModelConfig`. Unknown keys
+are errors, so a typo in a config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# CLIP statistics: BLIP normalises with these although its ViT starts from DeiT.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A config file or dict is malformed: unknown key, wrong type or inconsistent values."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A ViT with a class token, pre-norm blocks and a final norm (timm / BLIP layout)."""
+
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    image_size: int = 224
+    layer_norm_eps: float = 1e-6  # BLIP's ViT; HF's BlipVisionConfig default (1e-5) is wrong for it
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2 + 1
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT post-LN layers as BLIP's MED, with cross-attention in the fusion layers."""
+
+    vocab_size: int = 30524  # bert-base-uncased 30522 + [DEC] + [ENC]
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1  # hidden and attention-probability dropout, as BERT
+    # "all": every layer cross-attends and unimodal text skips it (BLIP). int k: the first
+    # num_layers-k layers are text-only, unimodal features are read after them (ALBEF / DLIP).
+    fusion_layers: Literal["all"] | int = "all"
+    # BLIP's rule: the decoder shares every weight with the encoder except self-attention.
+    tie_decoder: bool = True
+
+    @property
+    def text_only_layers(self) -> int:
+        """Layers run for unimodal text features."""
+        return self.num_layers if self.fusion_layers == "all" else self.num_layers - self.fusion_layers
+
+    def has_cross_attention(self, layer: int) -> bool:
+        return self.fusion_layers == "all" or layer >= self.num_layers - self.fusion_layers
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A BLIP-shaped model: vision tower, text tower, projections and heads, and preprocessing."""
+
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # ITC projection width
+    # The retrieval form has the text encoder, projections and ITM head; the captioning form
+    # has the decoder and LM head; the pretraining form has both.
+    has_encoder: bool = True
+    has_decoder: bool = True
+    # Preprocessing the model was trained with (the model carries it, transforms are built from it).
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    max_text_length: int = 35
+    prompt: str = "a picture of "
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_image_size(self, image_size: int) -> ModelConfig:
+        return self.replace(vision=dataclasses.replace(self.vision, image_size=image_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
+        data = dict(data)
+        _check_keys(cls, data, source)
+        if "vision" in data:
+            _check_keys(VisionConfig, data["vision"], f"{source}: vision")
+            data["vision"] = VisionConfig(**data["vision"])
+        if "text" in data:
+            _check_keys(TextConfig, data["text"], f"{source}: text")
+            data["text"] = TextConfig(**data["text"])
+        for key in ("image_mean", "image_std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"model config not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_keys(cls: type, data: Any, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+
+
+def _validate(cfg: ModelConfig) -> None:
+    v, t = cfg.vision, cfg.text
+    if v.width % v.num_heads:
+        raise ConfigError(f"vision.width {v.width} is not divisible by num_heads {v.num_heads}")
+    if v.image_size % v.patch_size:
+        raise ConfigError(f"vision.image_size {v.image_size} is not a multiple of {v.patch_size}")
+    if t.hidden_size % t.num_heads:
+        raise ConfigError(f"text.hidden_size {t.hidden_size} is not divisible by {t.num_heads}")
+    fl = t.fusion_layers
+    if fl != "all" and (not isinstance(fl, int) or isinstance(fl, bool) or not 1 <= fl <= t.num_layers):
+        raise ConfigError(f"text.fusion_layers must be 'all' or an int in [1, {t.num_layers}], got {fl!r}")
+    if not (cfg.has_encoder or cfg.has_decoder):
+        raise ConfigError("a model needs has_encoder or has_decoder")
+    if cfg.max_text_length > t.max_position_embeddings:
+        raise ConfigError(
+            f"max_text_length {cfg.max_text_length} exceeds "
+            f"text.max_position_embeddings {t.max_position_embeddings}"
+        )

@@ -1,0 +1,1 @@
+"""Model code: vision and text towers, the BLIP class, presets, conversion."""

@@ -1,0 +1,181 @@
+"""The BLIP model: one class for teacher and student; size and topology come from ModelConfig.
+
+Parameter names follow BLIP's (`visual_encoder.*`, `text_encoder.*`, `text_decoder.*`,
+`vision_proj`, `text_proj`, `itm_head`, `temp`). Models return features and logits; losses live
+in `dlip.losses`, tokenization happens outside `forward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dlip.config import ModelConfig
+from dlip.models.outputs import ImageOutput, Taps, TextOutput
+from dlip.models.text import KVCache, TextDecoder, TextModel
+from dlip.models.vision import VisionTower, resize_pos_embed
+
+TapsArg = Taps | Iterable[int] | None
+
+
+class BLIP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        v, t = config.vision, config.text
+        self.visual_encoder = VisionTower(v)
+        if config.has_encoder:
+            self.text_encoder = TextModel(t, encoder_width=v.width)
+            self.vision_proj = nn.Linear(v.width, config.embed_dim)
+            self.text_proj = nn.Linear(t.hidden_size, config.embed_dim)
+            self.itm_head = nn.Linear(t.hidden_size, 2)
+            # ITC temperature, learnable and clamped to [0.001, 0.5] by the loss (BLIP's init).
+            self.temp = nn.Parameter(torch.tensor(0.07))
+        if config.has_decoder:
+            shared = self.text_encoder if config.has_encoder and t.tie_decoder else None
+            self.text_decoder = TextDecoder(t, encoder_width=v.width, shared=shared)
+        self._init_text_weights()
+
+    # ----------------------------------------------------------------------------- towers
+    def encode_image(self, pixels: Tensor, taps: TapsArg = None) -> ImageOutput:
+        """(B, 3, S, S) normalised pixels -> vision tokens and the normalised ITC feature."""
+        tokens, hidden, attn = self.visual_encoder.forward_tokens(pixels, Taps.of(taps))
+        feat = None
+        if self.config.has_encoder:
+            feat = F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)  # (B, E)
+        return ImageOutput(tokens=tokens, feat=feat, hidden=hidden, attn=attn)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, taps: TapsArg = None) -> TextOutput:
+        """Unimodal text ([CLS] first): the text-only layers, no image."""
+        enc = self._require("text_encoder", "encode_text")
+        n = self.config.text.text_only_layers
+        out = enc(input_ids, attention_mask, layers=range(n), taps=self._taps(taps))
+        out.feat = F.normalize(self.text_proj(out.tokens[:, 0]), dim=-1)  # (B, E)
+        return out
+
+    def multimodal(
+        self,
+        image_tokens: Tensor,  # (B, N, Dv)
+        input_ids: Tensor,  # (B, T), [ENC] at position 0 by the caller's choice
+        attention_mask: Tensor,
+        image_mask: Tensor | None = None,
+        taps: TapsArg = None,
+        text_tokens: Tensor | None = None,
+    ) -> TextOutput:
+        """Image-grounded text encoder. With `fusion_layers=k` and `text_tokens` (the unimodal
+        output for the same ids), only the k fusion layers run (ALBEF-style reuse)."""
+        enc = self._require("text_encoder", "multimodal")
+        start = 0
+        if text_tokens is not None and self.config.text.fusion_layers != "all":
+            start = self.config.text.text_only_layers
+        return enc(
+            None if start else input_ids,
+            attention_mask,
+            image=image_tokens,
+            image_mask=image_mask,
+            layers=range(start, self.config.text.num_layers),
+            hidden_in=text_tokens if start else None,
+            taps=self._taps(taps),
+        )
+
+    def itm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, 2) match logits from the multimodal state at position 0; ids used as given."""
+        return self.itm_head(self.multimodal(image_tokens, input_ids, attention_mask).tokens[:, 0])
+
+    def decode(
+        self,
+        image_tokens: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        taps: TapsArg = None,
+        cache: KVCache | None = None,
+    ) -> TextOutput:
+        """Causal decoder states (B, T, Dt); `attention_mask` covers cached + new tokens."""
+        dec = self._require("text_decoder", "decode")
+        return dec.bert(
+            input_ids, attention_mask, image=image_tokens, causal=True, cache=cache, taps=self._taps(taps)
+        )
+
+    def lm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T, V) next-token logits; position t predicts token t+1. Ids used as given."""
+        states = self.decode(image_tokens, input_ids, attention_mask).tokens
+        return self.text_decoder.cls(states)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixels: Tensor,
+        prompt: str | None = None,
+        num_beams: int = 3,
+        max_length: int = 20,
+        min_length: int = 5,
+        repetition_penalty: float = 1.0,
+        tokenizer=None,
+    ) -> list[str]:
+        """Captions for (B, 3, S, S) pixels: beam search (greedy when num_beams=1).
+
+        Lengths count the prompt tokens, as BLIP; the prompt is stripped from the returned text.
+        """
+        from dlip.models.generation import generate_captions
+
+        return generate_captions(
+            self,
+            pixels,
+            prompt=self.config.prompt if prompt is None else prompt,
+            num_beams=num_beams,
+            max_length=max_length,
+            min_length=min_length,
+            repetition_penalty=repetition_penalty,
+            tokenizer=tokenizer,
+        )
+
+    # ----------------------------------------------------------------------------- utilities
+    def set_image_size(self, image_size: int) -> None:
+        """Resize the vision tower (e.g. 224 -> 384): pos_embed resampled bicubically."""
+        if image_size == self.config.vision.image_size:
+            return
+        config = self.config.with_image_size(image_size)
+        state = self.visual_encoder.state_dict()
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], config.vision.grid)
+        tower = VisionTower(config.vision).to(state["pos_embed"].device)
+        tower.load_state_dict(state, strict=True)
+        tower.set_grad_checkpointing(self.visual_encoder.grad_checkpointing)
+        self.visual_encoder = tower
+        self.config = config
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual_encoder.set_grad_checkpointing(enable)
+        for name in ("text_encoder", "text_decoder"):
+            if hasattr(self, name):
+                tower = getattr(self, name)
+                (tower.bert if name == "text_decoder" else tower).grad_checkpointing = enable
+
+    def _require(self, attr: str, method: str) -> nn.Module:
+        if not hasattr(self, attr):
+            form = "has_encoder" if attr == "text_encoder" else "has_decoder"
+            raise RuntimeError(f"{method} needs {attr}, but model '{self.config.name}' has {form}=False")
+        return getattr(self, attr)
+
+    def _taps(self, taps: TapsArg) -> Taps:
+        return Taps.of(taps).resolve(self.config.text.num_layers)
+
+    @torch.no_grad()
+    def _init_text_weights(self) -> None:
+        """BERT init for the text tower and heads: N(0, 0.02) linears/embeddings, LN = (1, 0)."""
+        for name, module in self.named_modules():
+            if name.startswith("visual_encoder"):
+                continue  # timm initialised the ViT
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, 0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+    def num_params(self, prefixes: Sequence[str] = ("",)) -> int:
+        """Unique parameters whose name starts with one of `prefixes` (tied weights once)."""
+        return sum(p.numel() for n, p in self.named_parameters() if n.startswith(tuple(prefixes)))

@@ -1,0 +1,95 @@
+"""The saved model form: a directory with `config.json` + `model.safetensors`.
+
+Tied parameters (the decoder's shared layers, the LM head's word embeddings) are stored once,
+under their canonical name (the first in `named_parameters`); loading is strict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dlip.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not match the model: names every missing / unexpected / misshapen key."""
+
+
+def alias_map(model: nn.Module) -> dict[str, str]:
+    """Every state_dict name -> the canonical name of the tensor it shares storage with."""
+    canonical: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical.setdefault(id(p), name)
+    out = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in model.state_dict():
+        out[name] = canonical[id(params[name])] if name in params else name
+    return out
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict with each tied tensor once, contiguous (safetensors refuses shared views)."""
+    state = model.state_dict()
+    return {n: state[n].detach().contiguous() for n, c in alias_map(model).items() if n == c}
+
+
+def load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load `state` (canonical names) into `model`; any mismatch is an error naming the keys."""
+    aliases = alias_map(model)
+    expected = {c for c in aliases.values()}
+    own = model.state_dict()
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(expected & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {shapes}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+    full = {name: state[canon] for name, canon in aliases.items()}
+    model.load_state_dict(full, strict=True)
+
+
+def save(model: nn.Module, directory: str | Path) -> Path:
+    """Write `config.json` + `model.safetensors` into `directory` (created if needed)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save(directory / CONFIG_FILE)
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(unique_state_dict(model), str(tmp), metadata={"format": "pt", "dlip": "1"})
+    tmp.replace(directory / WEIGHTS_FILE)  # atomic: a killed save never leaves a half file
+    return directory
+
+
+def load(directory: str | Path, map_location: str | torch.device = "cpu"):
+    """Load a saved model directory strictly; returns the BLIP model in eval mode."""
+    from safetensors.torch import load_file
+
+    from dlip.models.blip import BLIP
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory not found: {directory}")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found (a saved dlip model has {WEIGHTS_FILE})")
+    config = ModelConfig.load(directory / CONFIG_FILE)
+    model = BLIP(config)
+    load_strict(model, load_file(str(weights), device=str(map_location)), str(weights))
+    return model.to(map_location).eval()
