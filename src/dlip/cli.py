@@ -1,15 +1,16 @@
 """`dlip` command line: thin wrappers that parse arguments and call library functions.
 
-    dlip info MODEL [--image-size N] [--json] [--teacher blip_base]
-    dlip convert SRC --from salesforce --arch blip_base --out DIR
-    dlip convert SRC_DIR --from hf --out DIR
-    dlip convert MODEL_DIR --to hf --out DIR
-    dlip demo
+dlip info MODEL [--image-size N] [--json] [--teacher blip_base]
+dlip convert SRC --from salesforce --arch blip_base --out DIR
+dlip convert SRC_DIR --from hf --out DIR
+dlip convert MODEL_DIR --to hf --out DIR
+dlip demo
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -61,7 +62,10 @@ def _format_info(info: dict) -> str:
     head = f"{info['name']} @ {info['image_size']}px (text {info['text_len']} tokens)"
     if teacher:
         head += f"   vs teacher {teacher['name']}"
-    lines = [head, f"{'parameters':<22}{'count':>14}" + (f"{'teacher':>14}{'ratio':>9}" if teacher else "")]
+    lines = [
+        head,
+        f"{'parameters':<22}{'count':>14}" + (f"{'teacher':>14}{'ratio':>9}" if teacher else ""),
+    ]
     for key, value in info["params"].items():
         lines.append(_row(key, value, teacher and teacher["params"][key], 1e6, "M"))
     lines.append(f"{'forward FLOPs':<22}")
@@ -95,13 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    from dlip.models.convert import add_convert_parser
+    p = sub.add_parser(
+        "convert",
+        help="Salesforce .pth / HF BLIP -> dlip, or dlip -> HF",
+        description="Strict conversion: an unknown or missing key is an error that names it.",
+    )
+    p.add_argument(
+        "src", help="a .pth file (--from salesforce) or a directory (--from hf / --to hf)"
+    )
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="source", choices=["salesforce", "hf"])
+    direction.add_argument("--to", dest="target", choices=["hf"])
+    p.add_argument("--arch", default="blip_base", help="preset of a Salesforce checkpoint")
+    p.add_argument("--image-size", type=int, default=None, help="resize pos_embed to this size")
+    p.add_argument(
+        "--form",
+        choices=["captioning", "retrieval"],
+        default=None,
+        help="--to hf: which transformers class to write (default: every form the model has)",
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func="dlip.models.convert:cmd_convert")
 
-    add_convert_parser(sub)
-
-    from dlip.demo import add_demo_parser
-
-    add_demo_parser(sub)
+    p = sub.add_parser("demo", help="teacher vs student on a bundled photo (no downloads)")
+    p.add_argument("--teacher", default="blip_base")
+    p.add_argument("--student", default="dlip_small")
+    p.add_argument("--photo", default="chelsea", choices=["chelsea", "astronaut", "coffee"])
+    p.add_argument("--text", default="a cat lying on a blanket")
+    p.set_defaults(func="dlip.demo:cmd_demo")
     return parser
 
 
@@ -109,8 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dlip.models.io import CheckpointError
 
     args = build_parser().parse_args(argv)
+    func = args.func
+    if isinstance(func, str):  # "module:function", imported only when that command runs
+        module, name = func.split(":")
+        func = getattr(importlib.import_module(module), name)
     try:
-        return args.func(args)
+        return func(args)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"dlip {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -63,7 +63,9 @@ class TextConfig:
     @property
     def text_only_layers(self) -> int:
         """Layers run for unimodal text features."""
-        return self.num_layers if self.fusion_layers == "all" else self.num_layers - self.fusion_layers
+        return (
+            self.num_layers if self.fusion_layers == "all" else self.num_layers - self.fusion_layers
+        )
 
     def has_cross_attention(self, layer: int) -> bool:
         return self.fusion_layers == "all" or layer >= self.num_layers - self.fusion_layers
@@ -147,8 +149,12 @@ def _validate(cfg: ModelConfig) -> None:
     if t.hidden_size % t.num_heads:
         raise ConfigError(f"text.hidden_size {t.hidden_size} is not divisible by {t.num_heads}")
     fl = t.fusion_layers
-    if fl != "all" and (not isinstance(fl, int) or isinstance(fl, bool) or not 1 <= fl <= t.num_layers):
-        raise ConfigError(f"text.fusion_layers must be 'all' or an int in [1, {t.num_layers}], got {fl!r}")
+    if fl != "all" and (
+        not isinstance(fl, int) or isinstance(fl, bool) or not 1 <= fl <= t.num_layers
+    ):
+        raise ConfigError(
+            f"text.fusion_layers must be 'all' or an int in [1, {t.num_layers}], got {fl!r}"
+        )
     if not (cfg.has_encoder or cfg.has_decoder):
         raise ConfigError("a model needs has_encoder or has_decoder")
     if cfg.max_text_length > t.max_position_embeddings:

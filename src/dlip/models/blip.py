@@ -48,7 +48,9 @@ class BLIP(nn.Module):
             feat = F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)  # (B, E)
         return ImageOutput(tokens=tokens, feat=feat, hidden=hidden, attn=attn)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, taps: TapsArg = None) -> TextOutput:
+    def encode_text(
+        self, input_ids: Tensor, attention_mask: Tensor, taps: TapsArg = None
+    ) -> TextOutput:
         """Unimodal text ([CLS] first): the text-only layers, no image."""
         enc = self._require("text_encoder", "encode_text")
         n = self.config.text.text_only_layers
@@ -96,7 +98,12 @@ class BLIP(nn.Module):
         """Causal decoder states (B, T, Dt); `attention_mask` covers cached + new tokens."""
         dec = self._require("text_decoder", "decode")
         return dec.bert(
-            input_ids, attention_mask, image=image_tokens, causal=True, cache=cache, taps=self._taps(taps)
+            input_ids,
+            attention_mask,
+            image=image_tokens,
+            causal=True,
+            cache=cache,
+            taps=self._taps(taps),
         )
 
     def lm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -156,7 +163,9 @@ class BLIP(nn.Module):
     def _require(self, attr: str, method: str) -> nn.Module:
         if not hasattr(self, attr):
             form = "has_encoder" if attr == "text_encoder" else "has_decoder"
-            raise RuntimeError(f"{method} needs {attr}, but model '{self.config.name}' has {form}=False")
+            raise RuntimeError(
+                f"{method} needs {attr}, but model '{self.config.name}' has {form}=False"
+            )
         return getattr(self, attr)
 
     def _taps(self, taps: TapsArg) -> Taps:

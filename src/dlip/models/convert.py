@@ -21,7 +21,6 @@ from dlip.config import ModelConfig, TextConfig, VisionConfig
 from dlip.models.blip import BLIP
 from dlip.models.io import CheckpointError, alias_map, load_strict, save
 from dlip.models.presets import get_config
-from dlip.models.vision import resize_pos_embed
 
 # Keys a Salesforce checkpoint holds that a dlip model does not need (training-only state).
 SALESFORCE_IGNORE = [
@@ -138,7 +137,7 @@ def salesforce_config(state: dict[str, Tensor], arch: str, image_size: int | Non
     config = get_config(arch)
     has_encoder = any(k.startswith("text_encoder.") for k in state)
     has_decoder = any(k.startswith("text_decoder.") for k in state)
-    grid = int(round((state["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5))
+    grid = round((state["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
     config = config.replace(has_encoder=has_encoder, has_decoder=has_decoder)
     config = config.with_image_size(grid * config.vision.patch_size)
     return config.with_image_size(image_size) if image_size else config
@@ -163,7 +162,9 @@ def hf_config_to_dlip(hf: dict, name: str) -> ModelConfig:
         "BlipForConditionalGeneration": (False, True),
     }
     if arch not in forms:
-        raise CheckpointError(f"unsupported HF architecture {arch!r}; expected one of {list(forms)}")
+        raise CheckpointError(
+            f"unsupported HF architecture {arch!r}; expected one of {list(forms)}"
+        )
     v, t = hf.get("vision_config", {}), hf.get("text_config", {})
     for side, cfg in (("vision_config", v), ("text_config", t)):
         act = cfg.get("hidden_act", "gelu")
@@ -182,7 +183,8 @@ def hf_config_to_dlip(hf: dict, name: str) -> ModelConfig:
     )
     if t.get("encoder_hidden_size", v_width) != v_width:
         raise CheckpointError(
-            f"text_config.encoder_hidden_size {t.get('encoder_hidden_size')} != vision width {v_width}"
+            f"text_config.encoder_hidden_size {t.get('encoder_hidden_size')} "
+            f"!= vision width {v_width}"
         )
     text = TextConfig(
         vocab_size=t.get("vocab_size", 30524),
@@ -222,7 +224,9 @@ def convert_hf(directory: str | Path, name: str | None = None) -> BLIP:
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found (expected a transformers save_pretrained dir)")
+        raise FileNotFoundError(
+            f"{cfg_path} not found (expected a transformers save_pretrained dir)"
+        )
     config = hf_config_to_dlip(json.loads(cfg_path.read_text()), name or directory.name)
     state = read_hf_weights(directory)
     model = BLIP(config)
@@ -246,7 +250,9 @@ def dlip_config_to_hf(config: ModelConfig, architecture: str) -> dict:
             f"fusion_layers={t.fusion_layers} cannot be exported"
         )
     if (v.width * v.mlp_ratio) % 1:
-        raise CheckpointError(f"{config.name}: vision MLP width {v.width * v.mlp_ratio} is not an int")
+        raise CheckpointError(
+            f"{config.name}: vision MLP width {v.width * v.mlp_ratio} is not an int"
+        )
     vision = dict(
         hidden_size=v.width,
         intermediate_size=int(v.width * v.mlp_ratio),
@@ -281,7 +287,10 @@ def dlip_config_to_hf(config: ModelConfig, architecture: str) -> dict:
     )
 
 
-HF_CLASSES = {"retrieval": "BlipForImageTextRetrieval", "captioning": "BlipForConditionalGeneration"}
+HF_CLASSES = {
+    "retrieval": "BlipForImageTextRetrieval",
+    "captioning": "BlipForConditionalGeneration",
+}
 
 
 def export_hf(model: BLIP, out: str | Path, form: str) -> Path:
@@ -321,29 +330,10 @@ def _form_params(model: BLIP, form: str) -> list[tuple[str, Tensor]]:
     names = ["visual_encoder"]
     names += ["text_encoder", "vision_proj", "text_proj", "itm_head"] if form == "retrieval" else []
     names += ["text_decoder"] if form == "captioning" else []
-    return [
-        (f"{n}.{k}", p) for n in names for k, p in getattr(model, n).named_parameters()
-    ]
+    return [(f"{n}.{k}", p) for n in names for k, p in getattr(model, n).named_parameters()]
 
 
 # ------------------------------------------------------------------------------- command line
-def add_convert_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="Salesforce .pth / HF BLIP -> dlip, or dlip -> HF",
-        description="Strict conversion: an unknown or missing key is an error that names it.",
-    )
-    p.add_argument("src", help="a .pth file (--from salesforce) or a directory (--from hf / --to hf)")
-    direction = p.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="source", choices=["salesforce", "hf"])
-    direction.add_argument("--to", dest="target", choices=["hf"])
-    p.add_argument("--arch", default="blip_base", help="preset of a Salesforce checkpoint")
-    p.add_argument("--image-size", type=int, default=None, help="resize pos_embed to this size")
-    p.add_argument("--form", choices=sorted(HF_CLASSES), default=None, help="for --to hf")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_convert)
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.target == "hf":
@@ -365,9 +355,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     save(model, out)
     c = model.config
     forms = ", ".join(_model_forms(c))
-    print(f"wrote {out}: {c.name} ({forms}) @ {c.vision.image_size}px, {model.num_params():,} params")
+    print(
+        f"wrote {out}: {c.name} ({forms}) @ {c.vision.image_size}px, {model.num_params():,} params"
+    )
     return 0
 
 
 def _model_forms(config: ModelConfig) -> list[str]:
-    return [f for f, has in (("retrieval", config.has_encoder), ("captioning", config.has_decoder)) if has]
+    return [
+        f
+        for f, has in (("retrieval", config.has_encoder), ("captioning", config.has_decoder))
+        if has
+    ]

@@ -109,14 +109,18 @@ def beam_search(
     cur = l0
     logits = dec.step(run_seq.flatten(0, 1), cur)  # (B*K, V)
     while True:
-        logp = _repetition_penalty(logits.log_softmax(-1), run_seq.flatten(0, 1), repetition_penalty)
+        logp = _repetition_penalty(
+            logits.log_softmax(-1), run_seq.flatten(0, 1), repetition_penalty
+        )
         if cur < min_length:
             logp[:, eos_id] = float("-inf")
         vocab = logp.shape[-1]
         acc = (logp.view(b, k, vocab) + run_score[..., None]).view(b, k * vocab)
         cand_score, cand = acc.topk(2 * k, dim=1)  # (B, 2K)
         src_beam, token = cand // vocab, cand % vocab
-        cand_seq = torch.cat([run_seq.gather(1, src_beam[..., None].expand(-1, -1, cur)), token[..., None]], 2)
+        cand_seq = torch.cat(
+            [run_seq.gather(1, src_beam[..., None].expand(-1, -1, cur)), token[..., None]], 2
+        )
         hits = (token == eos_id) | (cur + 1 >= max_length)  # (B, 2K)
 
         # Running beams: the best K candidates that did not stop.
@@ -173,11 +177,15 @@ def generate_ids(
     image = model.encode_image(pixels).tokens
     ids = prompt_ids(tokenizer, prompt, pixels.shape[0], pixels.device)
     if max_length <= ids.shape[1]:
-        raise ValueError(f"max_length {max_length} leaves no room after a {ids.shape[1]}-token prompt")
+        raise ValueError(
+            f"max_length {max_length} leaves no room after a {ids.shape[1]}-token prompt"
+        )
     eos = tokenizer.sep_token_id
     if num_beams == 1:
         return greedy_search(model, image, ids, max_length, min_length, repetition_penalty, eos)
-    return beam_search(model, image, ids, num_beams, max_length, min_length, repetition_penalty, eos)
+    return beam_search(
+        model, image, ids, num_beams, max_length, min_length, repetition_penalty, eos
+    )
 
 
 def generate_captions(

@@ -22,7 +22,7 @@ class Taps:
 
     @staticmethod
     def of(taps: Taps | Iterable[int] | None) -> Taps:
-        """`None` -> no taps; an iterable of ints -> hidden states and attention for those layers."""
+        """None -> no taps; an iterable of ints -> hidden states and attention of those layers."""
         if taps is None:
             return NO_TAPS
         if isinstance(taps, Taps):

@@ -44,7 +44,9 @@ class KVCache:
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (beam search): (B,) -> rows of every cached tensor."""
         self.self_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.self_kv]
-        self.cross_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv]
+        self.cross_kv = [
+            None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv
+        ]
 
 
 def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
@@ -89,7 +91,9 @@ class Attention(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.attn_dropout = cfg.dropout
         self.self = QKV(cfg.hidden_size, kv_width)
-        self.output = ResidualNorm(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.dropout)
+        self.output = ResidualNorm(
+            cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.dropout
+        )
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, d)
         b, t, _ = x.shape

@@ -80,7 +80,7 @@ def block_with_probs(block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
 def resize_pos_embed(pos_embed: Tensor, new_grid: int) -> Tensor:
     """(1, 1+g*g, D) -> (1, 1+G*G, D): keep CLS, bicubic-resize the patch grid (as BLIP)."""
     n = pos_embed.shape[1] - 1
-    old_grid = int(round(n**0.5))
+    old_grid = round(n**0.5)
     if old_grid * old_grid != n:
         raise ValueError(f"pos_embed with {n} patch positions is not a square grid")
     if old_grid == new_grid:

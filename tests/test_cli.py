@@ -1,0 +1,47 @@
+"""The `dlip` command line: entry points, errors, and the quickstart demo on tiny presets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import dlip
+from dlip.cli import main
+
+
+def test_python_m_dlip_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "dlip", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("info", "convert", "demo"):
+        assert command in out
+
+
+def test_convert_missing_file_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nope.pth"
+    code = main(["convert", str(missing), "--from", "salesforce", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert f"checkpoint not found: {missing}" in capsys.readouterr().err
+
+
+def test_convert_hf_dir_without_config(tmp_path, capsys):
+    assert main(["convert", str(tmp_path), "--from", "hf", "--out", str(tmp_path / "o")]) == 2
+    assert "config.json not found" in capsys.readouterr().err
+
+
+def test_demo_runs_on_a_bundled_photo(capsys):
+    assert main(["demo", "--teacher", "test_tiny", "--student", "test_tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "photo: chelsea.jpg" in out
+    assert out.count("caption (3 beams)") == 2 and out.count("ITM match prob.") == 2
+    assert "student / teacher: params 100.0%" in out
+
+
+def test_bundled_photos_are_real_images():
+    from dlip.demo import PHOTOS, bundled_photo
+    from dlip.transforms import load_image
+
+    for name in PHOTOS:
+        image = load_image(bundled_photo(name))
+        assert min(image.size) >= 200 and image.mode == "RGB"
+    assert dlip.__version__
