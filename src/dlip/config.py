@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +34,9 @@ class VisionConfig:
     patch_size: int = 16
     image_size: int = 224
     layer_norm_eps: float = 1e-6  # BLIP's ViT; HF's BlipVisionConfig default (1e-5) is wrong for it
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "vision")
 
     @property
     def grid(self) -> int:
@@ -59,6 +64,9 @@ class TextConfig:
     fusion_layers: Literal["all"] | int = "all"
     # BLIP's rule: the decoder shares every weight with the encoder except self-attention.
     tie_decoder: bool = True
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "text")
 
     @property
     def text_only_layers(self) -> int:
@@ -90,6 +98,7 @@ class ModelConfig:
     prompt: str = "a picture of "
 
     def __post_init__(self) -> None:
+        _check_fields(self, "model")
         _validate(self)
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -103,18 +112,21 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
-        data = dict(data)
         _check_keys(cls, data, source)
-        if "vision" in data:
-            _check_keys(VisionConfig, data["vision"], f"{source}: vision")
-            data["vision"] = VisionConfig(**data["vision"])
-        if "text" in data:
-            _check_keys(TextConfig, data["text"], f"{source}: text")
-            data["text"] = TextConfig(**data["text"])
-        for key in ("image_mean", "image_std"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        data = dict(data)
+        try:
+            if "vision" in data:
+                _check_keys(VisionConfig, data["vision"], "vision")
+                data["vision"] = VisionConfig(**data["vision"])
+            if "text" in data:
+                _check_keys(TextConfig, data["text"], "text")
+                data["text"] = TextConfig(**data["text"])
+            for key in ("image_mean", "image_std"):
+                if isinstance(data.get(key), list):
+                    data[key] = tuple(data[key])
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
@@ -140,8 +152,69 @@ def _check_keys(cls: type, data: Any, source: str) -> None:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
 
 
+def _type_ok(tp: Any, value: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(arg, value) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return (
+            isinstance(value, (tuple, list))
+            and len(value) == len(args)
+            and all(_type_ok(a, x) for a, x in zip(args, value, strict=True))
+        )
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Every field has its declared type (JSON "768" or "false" is not an int or a bool)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _type_ok(hints[f.name], value):
+            raise ConfigError(f"{section}.{f.name}={value!r} is not of type {hints[f.name]}")
+
+
+_POSITIVE = {
+    "vision": (
+        "width",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "patch_size",
+        "image_size",
+        "layer_norm_eps",
+    ),
+    "text": (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "layer_norm_eps",
+    ),
+}
+
+
 def _validate(cfg: ModelConfig) -> None:
     v, t = cfg.vision, cfg.text
+    for section, obj in (("vision", v), ("text", t)):
+        for name in _POSITIVE[section]:
+            if getattr(obj, name) <= 0:
+                raise ConfigError(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
+    if cfg.embed_dim <= 0 or cfg.max_text_length <= 0:
+        raise ConfigError("embed_dim and max_text_length must be > 0")
+    if not 0.0 <= t.dropout < 1.0:
+        raise ConfigError(f"text.dropout must be in [0, 1), got {t.dropout}")
     if v.width % v.num_heads:
         raise ConfigError(f"vision.width {v.width} is not divisible by num_heads {v.num_heads}")
     if v.image_size % v.patch_size:

@@ -53,8 +53,8 @@ class BLIP(nn.Module):
     ) -> TextOutput:
         """Unimodal text ([CLS] first): the text-only layers, no image."""
         enc = self._require("text_encoder", "encode_text")
-        n = self.config.text.text_only_layers
-        out = enc(input_ids, attention_mask, layers=range(n), taps=self._taps(taps))
+        layers = range(self.config.text.text_only_layers)
+        out = enc(input_ids, attention_mask, layers=layers, taps=Taps.of(taps).resolve(layers))
         out.feat = F.normalize(self.text_proj(out.tokens[:, 0]), dim=-1)  # (B, E)
         return out
 
@@ -73,14 +73,15 @@ class BLIP(nn.Module):
         start = 0
         if text_tokens is not None and self.config.text.fusion_layers != "all":
             start = self.config.text.text_only_layers
+        layers = range(start, self.config.text.num_layers)
         return enc(
             None if start else input_ids,
             attention_mask,
             image=image_tokens,
             image_mask=image_mask,
-            layers=range(start, self.config.text.num_layers),
+            layers=layers,
             hidden_in=text_tokens if start else None,
-            taps=self._taps(taps),
+            taps=Taps.of(taps).resolve(layers),
         )
 
     def itm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -103,7 +104,7 @@ class BLIP(nn.Module):
             image=image_tokens,
             causal=True,
             cache=cache,
-            taps=self._taps(taps),
+            taps=Taps.of(taps).resolve(range(self.config.text.num_layers)),
         )
 
     def lm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -145,11 +146,17 @@ class BLIP(nn.Module):
         if image_size == self.config.vision.image_size:
             return
         config = self.config.with_image_size(image_size)
-        state = self.visual_encoder.state_dict()
+        old = self.visual_encoder
+        state = old.state_dict()
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], config.vision.grid)
-        tower = VisionTower(config.vision).to(state["pos_embed"].device)
-        tower.load_state_dict(state, strict=True)
-        tower.set_grad_checkpointing(self.visual_encoder.grad_checkpointing)
+        # Build on meta and assign the tensors: keeps device and dtype, costs no init.
+        with torch.device("meta"):
+            tower = VisionTower(config.vision)
+        tower.load_state_dict(state, strict=True, assign=True)
+        for name, p in tower.named_parameters():
+            p.requires_grad_(old.get_parameter(name).requires_grad)
+        tower.train(old.training)
+        tower.set_grad_checkpointing(old.grad_checkpointing)
         self.visual_encoder = tower
         self.config = config
 
@@ -167,9 +174,6 @@ class BLIP(nn.Module):
                 f"{method} needs {attr}, but model '{self.config.name}' has {form}=False"
             )
         return getattr(self, attr)
-
-    def _taps(self, taps: TapsArg) -> Taps:
-        return Taps.of(taps).resolve(self.config.text.num_layers)
 
     @torch.no_grad()
     def _init_text_weights(self) -> None:

@@ -12,7 +12,9 @@ from torch import Tensor
 class Taps:
     """Layers whose hidden states / attention probabilities a forward should return.
 
-    Indices are 0-based layer numbers; negative indices count from the last layer. Attention
+    Indices are 0-based layer numbers of the tower; negative indices count back from the last
+    layer the call runs (so -1 in `encode_text` of a `fusion_layers=k` model is the last
+    text-only layer). Asking for a layer the call does not run is an IndexError. Attention
     probabilities are computed outside SDPA only for the layers asked for, so an empty `Taps`
     costs nothing.
     """
@@ -30,20 +32,20 @@ class Taps:
         layers = frozenset(int(i) for i in taps)
         return Taps(hidden=layers, attn=layers)
 
-    def resolve(self, num_layers: int) -> Taps:
-        """Map negative indices to positive ones and reject layers the tower does not have."""
-        return Taps(_resolve(self.hidden, num_layers), _resolve(self.attn, num_layers))
+    def resolve(self, layers: range) -> Taps:
+        """Map negative indices into `layers` (those the call runs) and reject any outside it."""
+        return Taps(_resolve(self.hidden, layers), _resolve(self.attn, layers))
 
 
 NO_TAPS = Taps()
 
 
-def _resolve(layers: frozenset[int], num_layers: int) -> frozenset[int]:
+def _resolve(taps: frozenset[int], layers: range) -> frozenset[int]:
     out = set()
-    for i in layers:
-        j = i + num_layers if i < 0 else i
-        if not 0 <= j < num_layers:
-            raise IndexError(f"tap layer {i} out of range for a tower of {num_layers} layers")
+    for i in taps:
+        j = layers.stop + i if i < 0 else i
+        if j not in layers:
+            raise IndexError(f"tap layer {i} is not among the layers this call runs ({layers})")
         out.add(j)
     return frozenset(out)
 

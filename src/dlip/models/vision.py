@@ -45,7 +45,7 @@ class VisionTower(VisionTransformer):
                 f"vision tower expects {size}x{size} pixels, got {tuple(pixels.shape[-2:])}; "
                 "resize the input or the model (BLIP.set_image_size)"
             )
-        taps = taps.resolve(len(self.blocks))
+        taps = taps.resolve(range(len(self.blocks)))
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(pixels))))
         hidden: dict[int, Tensor] = {}
         attn: dict[int, Tensor] = {}
