@@ -414,3 +414,27 @@ def test_salesforce_image_size_resize(tmp_path):
     assert model.config.vision.image_size == 64
     assert model.visual_encoder.pos_embed.shape == (1, 17, 32)
     assert model.encode_image(torch.randn(1, 3, 64, 64)).feat.shape == (1, 16)
+
+
+def test_hf_vision_eps_note_and_override(tmp_path, capsys):
+    cfg = _hf_config()
+    cfg.vision_config.layer_norm_eps = 1e-5  # what HF hub BLIP configs say
+    src = tmp_path / "hf"
+    transformers.BlipForImageTextRetrieval(cfg).save_pretrained(str(src))
+    assert main(["convert", str(src), "--from", "hf", "--out", str(tmp_path / "a")]) == 0
+    assert "vision layer_norm_eps=1e-05 as the HF config says" in capsys.readouterr().out
+    assert dlip.load(tmp_path / "a").config.vision.layer_norm_eps == 1e-5
+    args = [
+        "convert",
+        str(src),
+        "--from",
+        "hf",
+        "--vision-ln-eps",
+        "1e-6",
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    assert main(args) == 0
+    model = dlip.load(tmp_path / "b")
+    assert model.config.vision.layer_norm_eps == 1e-6
+    assert model.visual_encoder.blocks[0].norm1.eps == 1e-6

@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="--to hf: which transformers class to write (default: every form the model has)",
     )
+    p.add_argument(
+        "--vision-ln-eps",
+        type=float,
+        default=None,
+        help="--from hf: override the ViT LayerNorm eps (HF hub configs say 1e-5, BLIP used 1e-6)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func="dlip.models.convert:cmd_convert")
 

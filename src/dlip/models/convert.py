@@ -9,6 +9,7 @@ layers shared with the encoder, LM head = word embeddings) must be equal, or it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -220,7 +221,11 @@ def read_hf_weights(directory: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{directory}: neither model.safetensors nor pytorch_model.bin found")
 
 
-def convert_hf(directory: str | Path, name: str | None = None) -> BLIP:
+def convert_hf(
+    directory: str | Path, name: str | None = None, vision_ln_eps: float | None = None
+) -> BLIP:
+    """A transformers BLIP directory -> BLIP. `vision_ln_eps` overrides the HF config's value
+    (hub configs say 1e-5; BLIP's ViT was trained with 1e-6)."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
@@ -228,6 +233,9 @@ def convert_hf(directory: str | Path, name: str | None = None) -> BLIP:
             f"{cfg_path} not found (expected a transformers save_pretrained dir)"
         )
     config = hf_config_to_dlip(json.loads(cfg_path.read_text()), name or directory.name)
+    if vision_ln_eps is not None:
+        vision = dataclasses.replace(config.vision, layer_norm_eps=vision_ln_eps)
+        config = config.replace(vision=vision)
     state = read_hf_weights(directory)
     model = BLIP(config)
     if config.has_encoder:
@@ -349,7 +357,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.source == "salesforce":
         model = convert_salesforce(args.src, args.arch, args.image_size)
     else:
-        model = convert_hf(args.src)
+        model = convert_hf(args.src, vision_ln_eps=args.vision_ln_eps)
+        eps = model.config.vision.layer_norm_eps
+        if eps != 1e-6:
+            print(
+                f"note: vision layer_norm_eps={eps} as the HF config says; BLIP's ViT used 1e-6 "
+                "(--vision-ln-eps 1e-6 reproduces the original model)"
+            )
         if args.image_size:
             model.set_image_size(args.image_size)
     save(model, out)

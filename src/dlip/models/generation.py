@@ -149,7 +149,7 @@ def beam_search(
         if not may_improve.any() or hits.all():
             break
         flat_src = (beam_src + torch.arange(b, device=dev)[:, None] * k).flatten()
-        dec.cache.reorder(flat_src)
+        dec.cache.reorder(flat_src, cross=False)  # beams of one image share its K/V
         logits = dec.step(run_seq[:, :, -1].reshape(-1, 1), cur)
     lengths = fin_len[:, 0].long().tolist()
     return [fin_seq[i, 0, : lengths[i]].tolist() for i in range(b)]

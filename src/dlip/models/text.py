@@ -41,12 +41,18 @@ class KVCache:
         kv = next((kv for kv in self.self_kv if kv is not None), None)
         return 0 if kv is None else kv[0].shape[2]
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (beam search): (B,) -> rows of every cached tensor."""
+    def reorder(self, index: Tensor, cross: bool = True) -> None:
+        """Keep batch rows `index` (beam search): (B,) -> rows of every cached tensor.
+
+        `cross=False` leaves the image keys/values alone: valid when `index` only permutes
+        rows that share an image (beams of one caption), and it saves copying (B, H, N, d)
+        per layer per step.
+        """
         self.self_kv = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.self_kv]
-        self.cross_kv = [
-            None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv
-        ]
+        if cross:
+            self.cross_kv = [
+                None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv
+            ]
 
 
 def additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
