@@ -68,14 +68,16 @@ def _format_info(info: dict) -> str:
     ]
     for key, value in info["params"].items():
         lines.append(_row(key, value, teacher and teacher["params"][key], 1e6, "M"))
-    lines.append(f"{'forward FLOPs':<22}")
+    lines.append("forward FLOPs")
     for key, value in info["flops"].items():
         ref = teacher and teacher["flops"].get(key)
         lines.append(_row(key, value, ref, 1e9, "G"))
-    lines.append(
-        "params: unique tensors (tied weights once, no momentum copies); retrieval = vision+text+"
-        "fusion+heads, captioning = vision+whole decoder. FLOPs: torch.utils.flop_counter, batch 1."
-    )
+    lines += [
+        "params: unique tensors (tied weights once; momentum copies are never part of a model);",
+        "  retrieval = vision + text + fusion + heads, captioning = vision + whole decoder.",
+        "FLOPs: torch.utils.flop_counter (multiply-add = 2), batch 1; caption_token = one",
+        "  decoder step with the KV cache holding the image and text_len - 1 tokens.",
+    ]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ in `dlip.losses`, tokenization happens outside `forward`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from dlip.config import ModelConfig
 from dlip.models.outputs import ImageOutput, Taps, TextOutput
 from dlip.models.text import KVCache, TextDecoder, TextModel
 from dlip.models.vision import VisionTower, resize_pos_embed
+
+if TYPE_CHECKING:
+    from dlip.tokenizer import Tokenizer
 
 TapsArg = Taps | Iterable[int] | None
 
@@ -121,7 +125,7 @@ class BLIP(nn.Module):
         max_length: int = 20,
         min_length: int = 5,
         repetition_penalty: float = 1.0,
-        tokenizer=None,
+        tokenizer: Tokenizer | None = None,
     ) -> list[str]:
         """Captions for (B, 3, S, S) pixels: beam search (greedy when num_beams=1).
 
@@ -142,7 +146,11 @@ class BLIP(nn.Module):
 
     # ----------------------------------------------------------------------------- utilities
     def set_image_size(self, image_size: int) -> None:
-        """Resize the vision tower (e.g. 224 -> 384): pos_embed resampled bicubically."""
+        """Resize the vision tower (e.g. 224 -> 384): pos_embed resampled bicubically.
+
+        Device, dtype, train/eval mode and requires_grad are kept; the vision parameters are
+        new objects, so call this before building an optimizer.
+        """
         if image_size == self.config.vision.image_size:
             return
         config = self.config.with_image_size(image_size)
@@ -183,6 +191,8 @@ class BLIP(nn.Module):
                 continue  # timm initialised the ViT
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, 0.02)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()  # [PAD] starts as a zero vector
             if isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.zero_()
             elif isinstance(module, nn.LayerNorm):
