@@ -677,6 +677,17 @@ def test_generate_greedy_and_beam():
     assert not model.training
 
 
+def test_generate_text_is_decoded_ids_without_prompt(tiny, monkeypatch):
+    """Captions are the generated ids decoded (BLIP's 4.x cleanup), prompt stripped."""
+    tok = get_tokenizer()
+    prompt = [DEC_ID, 1037, 3861, 1997]  # [DEC] a picture of
+    words = tok.encode("a man's red hat, near the dog")[1:-1]
+    fake = [[*prompt, *words, 102], [*prompt, *words[:3]]]  # EOS-ended / cut by max_length
+    monkeypatch.setattr(generation, "generate_ids", lambda *a, **k: fake)
+    caps = tiny.generate(pixels(tiny)[:2])
+    assert caps == ["a man's red hat, near the dog", "a man '"]
+
+
 def test_generate_max_length_too_short():
     model = build("test_tiny").train()
     prompt_len = len(get_tokenizer().encode(model.config.prompt)) - 1  # [DEC] + prompt words

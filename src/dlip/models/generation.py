@@ -210,5 +210,8 @@ def generate_captions(
         )
     finally:
         model.train(was_training)
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    # BLIP decoded with transformers 4.x, whose BERT cleanup joins "man ' s" -> "man's".
+    texts = tokenizer.batch_decode(
+        rows, skip_special_tokens=True, clean_up_tokenization_spaces=True
+    )
     return [t[len(prompt) :].strip() if t.startswith(prompt.strip()) else t.strip() for t in texts]
