@@ -438,3 +438,9 @@ def test_hf_vision_eps_note_and_override(tmp_path, capsys):
     model = dlip.load(tmp_path / "b")
     assert model.config.vision.layer_norm_eps == 1e-6
     assert model.visual_encoder.blocks[0].norm1.eps == 1e-6
+
+
+def test_loading_an_hf_directory_says_to_convert(retrieval_pair, tmp_path):
+    retrieval_pair[0].save_pretrained(str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"is a transformers 'blip' model.*--from hf"):
+        dlip.load(tmp_path / "hf")

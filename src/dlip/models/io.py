@@ -78,7 +78,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu"):
-    """Load a saved model directory strictly; returns the BLIP model in eval mode."""
+    """Load a saved dlip model directory strictly; returns the BLIP model in eval mode."""
     from safetensors.torch import load_file
 
     from dlip.models.blip import BLIP
@@ -89,7 +89,23 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu"):
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found (a saved dlip model has {WEIGHTS_FILE})")
+    _refuse_foreign(directory / CONFIG_FILE)
     config = ModelConfig.load(directory / CONFIG_FILE)
     model = BLIP(config)
     load_strict(model, load_file(str(weights), device=str(map_location)), str(weights))
     return model.to(map_location).eval()
+
+
+def _refuse_foreign(config_path: Path) -> None:
+    """A transformers directory also has config.json: say how to convert it instead."""
+    import json
+
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # ModelConfig.load reports it
+    if isinstance(data, dict) and "model_type" in data:
+        raise CheckpointError(
+            f"{config_path.parent} is a transformers '{data['model_type']}' model, not a dlip "
+            f"model; convert it first: dlip convert {config_path.parent} --from hf --out DIR"
+        )
