@@ -230,7 +230,11 @@ def test_export_refuses_non_blip_topology(tmp_path):
 
 # ----------------------------------------------------------------------------- Salesforce format
 def _salesforce_state(layout: str, grid: int = 2) -> dict[str, torch.Tensor]:
-    """A state dict with BLIP's own key names (models/blip*.py + med.py) at test_tiny sizes."""
+    """A state dict with BLIP's own key names (models/blip*.py + med.py) at test_tiny sizes.
+
+    Checked against the state_dict() of BLIP's own classes (salesforce/BLIP @056a169) built at
+    these sizes: the key sets are identical for all three layouts.
+    """
     cfg = dlip.get_config("test_tiny")
     v, t = cfg.vision.width, cfg.text.hidden_size
     vi, ti = int(v * cfg.vision.mlp_ratio), cfg.text.intermediate_size
@@ -313,10 +317,12 @@ def _salesforce_state(layout: str, grid: int = 2) -> dict[str, torch.Tensor]:
             ): x
             for k, x in momentum.items()
         }
-        state |= {"vision_proj_m.weight": r(e, v), "text_proj_m.bias": r(e)}
+        state |= {"vision_proj_m.weight": r(e, v), "vision_proj_m.bias": r(e)}
+        state |= {"text_proj_m.weight": r(e, t), "text_proj_m.bias": r(e)}
         state |= {"image_queue": r(e, 8), "text_queue": r(e, 8)}
     if layout == "retrieval":
-        state |= {"idx_queue": torch.zeros(1, 8), "ptr_queue": torch.zeros(1, dtype=torch.long)}
+        idx_queue = torch.full((1, 8), -100, dtype=torch.long)
+        state |= {"idx_queue": idx_queue, "ptr_queue": torch.zeros(1, dtype=torch.long)}
     if layout == "pretrain":
         state |= {"queue_ptr": torch.zeros(1, dtype=torch.long)}
     if layout in ("pretrain", "caption"):
