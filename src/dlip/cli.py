@@ -5,6 +5,7 @@ dlip convert SRC --from salesforce --arch blip_base --out DIR
 dlip convert SRC_DIR --from hf --out DIR
 dlip convert MODEL_DIR --to hf --out DIR
 dlip demo
+dlip data {build,merge,export-json,shard,synth} ...
 """
 
 from __future__ import annotations
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photo", default="chelsea", choices=["chelsea", "astronaut", "coffee"])
     p.add_argument("--text", default="a cat lying on a blanket")
     p.set_defaults(func="dlip.demo:cmd_demo")
+
+    from dlip.data.cli import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Data: manifests from what the real tools write, datasets, loaders, synthetic data."""
