@@ -1,0 +1,253 @@
+"""Map-style datasets over manifests (pretraining, retrieval / caption finetuning) and the
+retrieval / captioning evaluation sets read from Karpathy-style val/test JSONs.
+
+Every item is a dict; a bad sample (see `common.REASONS`) comes back as `loader.Skipped(reason)`
+and `loader.collate` drops and counts it, so no worker ever raises on bad data. Text goes
+through BLIP's `pre_caption` (max 30 words); a caption that cleaning leaves empty (e.g. "...")
+counts as "empty_caption". The caption is checked before the image is decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dlip.data.common import BadSample, SkipCounts, check_caption, decode_image, read_manifest
+from dlip.data.loader import Skipped
+from dlip.tokenizer import pre_caption
+
+Transform = Callable[[Image.Image], torch.Tensor]
+CAPTION_PROMPT = "a picture of "  # BLIP's captioning prompt (configs/caption_coco.yaml)
+
+
+class PackedRows:
+    """Rows pickled into one numpy byte buffer + offsets.
+
+    DataLoader workers fork from the main process; a list of millions of dicts would be copied
+    page by page as the workers touch the objects' refcounts (host RAM grows per worker), while
+    two numpy arrays stay shared.
+    """
+
+    def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
+        chunks = [pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL) for row in rows]
+        self._offsets = np.cumsum([0] + [len(c) for c in chunks], dtype=np.int64)  # (N+1,)
+        self._buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)  # (total bytes,)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return pickle.loads(self._buffer[start:end].tobytes())  # our own bytes, never a file's
+
+
+def _rows_from(source: str | Path | Sequence[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    if isinstance(source, (str, Path)):
+        return read_manifest(source)  # validates keys, errors name the file and line
+    rows = []
+    for n, row in enumerate(source):
+        if not isinstance(row, dict) or "image" not in row or "caption" not in row:
+            raise ValueError(f"row {n}: expected a dict with 'image' and 'caption', got {row!r}")
+        rows.append({"image_id": str(row["image"]), "source": "", **row})
+    return rows
+
+
+def clean_caption(caption: Any, max_words: int = 30, prompt: str = "") -> str:
+    """`prompt` + pre_caption(caption), or BadSample (bad_text / empty_caption)."""
+    caption = check_caption(caption)
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates from a badly decoded file
+        raise BadSample("bad_text", str(err)) from None
+    caption = pre_caption(caption, max_words)
+    if not caption:
+        raise BadSample("empty_caption", "nothing left after pre_caption")
+    return prompt + caption
+
+
+class ManifestDataset(Dataset):
+    """Image-caption pairs of a manifest (a jsonl path or a list of rows), BLIP pretraining style.
+
+    Item: {"image": (3, S, S) float tensor, "caption": str, "image_id": str, "index": int},
+    or `Skipped(reason, index)` for a bad sample. In-memory rows need "image" and "caption";
+    "image_id" defaults to the image path.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path | Sequence[dict[str, Any]],
+        transform: Transform,
+        max_words: int = 30,
+        prompt: str = "",
+    ) -> None:
+        self.rows = PackedRows(_rows_from(manifest))
+        self.transform, self.max_words, self.prompt = transform, max_words, prompt
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        row = self.rows[index]
+        try:
+            caption = clean_caption(row["caption"], self.max_words, self.prompt)
+            image = decode_image(row["image"])
+        except BadSample as err:
+            return Skipped(err.reason, index)
+        return self._item(index, row, self.transform(image), caption)
+
+    def _item(
+        self, index: int, row: dict[str, Any], image: torch.Tensor, caption: str
+    ) -> dict[str, Any]:
+        return {
+            "image": image,
+            "caption": caption,
+            "image_id": str(row["image_id"]),
+            "index": index,
+        }
+
+
+class RetrievalTrainDataset(ManifestDataset):
+    """Retrieval finetuning: adds "image_idx", a contiguous int per distinct image_id.
+
+    Numbered in order of first appearance, as BLIP's `img_ids`; captions of the same image share
+    it, which the ITC loss uses to treat them as positives of each other.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path | Sequence[dict[str, Any]],
+        transform: Transform,
+        max_words: int = 30,
+    ) -> None:
+        super().__init__(manifest, transform, max_words)
+        ids: dict[str, int] = {}
+        idx = [ids.setdefault(str(self.rows[i]["image_id"]), len(ids)) for i in range(len(self))]
+        self.image_idx = np.asarray(idx, dtype=np.int64)  # (N,)
+        self.num_images = len(ids)
+
+    def _item(
+        self, index: int, row: dict[str, Any], image: torch.Tensor, caption: str
+    ) -> dict[str, Any]:
+        item = super()._item(index, row, image, caption)
+        item["image_idx"] = int(self.image_idx[index])
+        return item
+
+
+class CaptionTrainDataset(ManifestDataset):
+    """Caption finetuning: caption = prompt + pre_caption(caption), as BLIP trains it."""
+
+    def __init__(
+        self,
+        manifest: str | Path | Sequence[dict[str, Any]],
+        transform: Transform,
+        max_words: int = 30,
+        prompt: str = CAPTION_PROMPT,
+    ) -> None:
+        super().__init__(manifest, transform, max_words, prompt)
+
+
+@dataclass
+class EvalSet:
+    """A retrieval / captioning evaluation split: images, all their captions, and the maps.
+
+    texts[t] describes images[txt2img[t]]; img2txt[i] lists the text indices of image i.
+    """
+
+    images: list[str]  # image paths (image_root joined)
+    image_ids: list[str]  # "image_id" of the entry, else the file stem (COCO: its int id)
+    texts: list[str]  # pre_caption'ed, flat over images
+    txt2img: list[int]
+    img2txt: list[list[int]]
+    skipped: SkipCounts = field(default_factory=SkipCounts)  # captions dropped as bad
+
+
+def _eval_entries(path: Path) -> list[dict[str, Any]]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read an evaluation JSON ({err})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list of {{'image', 'caption'}} entries")
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise ValueError(f"{path}: entry {n} has no 'image' path")
+        if not isinstance(entry.get("caption"), (str, list)):
+            raise ValueError(f"{path}: entry {n} ({entry['image']}) has no 'caption' list")
+    return entries
+
+
+def load_eval_set(
+    ann_path: str | Path,
+    image_root: str | Path = "",
+    max_words: int = 30,
+    check_images: bool = True,
+) -> EvalSet:
+    """Read a Karpathy-style val/test JSON: `[{"image": rel_path, "caption": [str, ...]}, ...]`.
+
+    Bad captions are dropped and counted; an image with no usable caption, an image listed
+    twice (a per-caption train file?) or, with `check_images`, a missing image file is an error:
+    recall on a silently shrunk test set is not comparable to anyone's.
+    """
+    path = Path(ann_path)
+    out = EvalSet([], [], [], [], [])
+    seen: dict[str, int] = {}
+    for n, entry in enumerate(_eval_entries(path)):
+        image = str(Path(image_root) / entry["image"])
+        if image in seen:
+            raise ValueError(
+                f"{path}: image {entry['image']} is in entries {seen[image]} and {n}; an eval JSON "
+                "has one entry per image with all its captions (is this a train-split file?)"
+            )
+        seen[image] = n
+        captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+        text_ids = []
+        for caption in captions:
+            try:
+                out.texts.append(clean_caption(caption, max_words))
+            except BadSample as err:
+                out.skipped.add(err.reason)
+                continue
+            text_ids.append(len(out.texts) - 1)
+            out.txt2img.append(len(out.images))
+        if not text_ids:
+            raise ValueError(f"{path}: entry {n} ({entry['image']}) has no usable caption")
+        out.images.append(image)
+        out.image_ids.append(str(entry.get("image_id", Path(entry["image"]).stem)))
+        out.img2txt.append(text_ids)
+    if check_images:
+        missing = [p for p in out.images if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path}: {len(missing)} of {len(out.images)} images missing under "
+                f"{image_root!s}, e.g. {missing[:3]}"
+            )
+    return out
+
+
+class EvalImageDataset(Dataset):
+    """The images of an EvalSet, for image features: {"image", "image_id", "index"}.
+
+    A bad image is an error naming the file (see `load_eval_set`), not a skip.
+    """
+
+    def __init__(self, eval_set: EvalSet, transform: Transform) -> None:
+        self.images, self.image_ids, self.transform = eval_set.images, eval_set.image_ids, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            image = decode_image(self.images[index])
+        except BadSample as err:
+            raise ValueError(f"evaluation image {self.images[index]}: {err}") from None
+        return {"image": self.transform(image), "image_id": self.image_ids[index], "index": index}
