@@ -22,8 +22,9 @@ from dlip.data.datasets import (
     PackedRows,
     RetrievalTrainDataset,
     clean_caption,
-    load_eval_set,
+    eval_texts,
 )
+from dlip.data.karpathy import load_eval_set
 from dlip.data.loader import Skipped, collate, drop_skipped, make_loader
 from dlip.transforms import eval_transform, train_transform
 
@@ -145,57 +146,33 @@ def _eval_json(tmp_path: Path, entries: list[dict]) -> Path:
     return path
 
 
-def test_eval_set_maps(tmp_path, config):
+def test_eval_set_maps_texts_and_images(tmp_path, config):
     entries = [
         {"image": "chelsea.jpg", "caption": [f"A cat, number {k}." for k in range(5)]},
-        {"image": "coffee.jpg", "caption": [f"Coffee {k}!" for k in range(5)]},
+        {"image": "coffee.jpg", "caption": [f"Coffee {k}!" for k in range(5)], "image_id": "7"},
     ]
-    ev = load_eval_set(_eval_json(tmp_path, entries), image_root=PHOTOS)
+    ev = load_eval_set(_eval_json(tmp_path, entries), PHOTOS)
     assert ev.images == [str(PHOTOS / "chelsea.jpg"), str(PHOTOS / "coffee.jpg")]
-    assert ev.image_ids == ["chelsea", "coffee"]
-    assert ev.texts[:2] == ["a cat, number 0", "a cat, number 1"] and ev.texts[9] == "coffee 4"
+    assert ev.image_ids == ["chelsea", "7"]  # neither COCO nor Flickr: own id, else file stem
+    texts = eval_texts(ev)
+    assert texts[:2] == ["a cat, number 0", "a cat, number 1"] and texts[9] == "coffee 4"
     assert ev.txt2img == [0] * 5 + [1] * 5
     assert ev.img2txt == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     images = EvalImageDataset(ev, eval_transform(config))
     batch = collate([images[0], images[1]])
-    assert batch["image"].shape == (2, 3, 32, 32) and batch["image_id"] == ["chelsea", "coffee"]
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["image_id"] == ["chelsea", "7"]
 
 
-def test_eval_set_drops_bad_captions_and_keeps_maps_consistent(tmp_path):
-    entries = [
-        {"image": "chelsea.jpg", "caption": ["a cat", "  ", "a cat again"], "image_id": "42"},
-        {"image": "coffee.jpg", "caption": "a single coffee caption"},
-    ]
-    ev = load_eval_set(_eval_json(tmp_path, entries), image_root=PHOTOS)
-    assert ev.texts == ["a cat", "a cat again", "a single coffee caption"]
-    assert ev.txt2img == [0, 0, 1] and ev.img2txt == [[0, 1], [2]]
-    assert ev.image_ids == ["42", "coffee"] and ev.skipped == {"empty_caption": 1}
-
-
-@pytest.mark.parametrize(
-    ("entries", "message"),
-    [
-        ({"image": "x"}, "expected a list"),
-        ([{"caption": ["c"]}], "entry 0 has no 'image' path"),
-        ([{"image": "chelsea.jpg"}], r"entry 0 \(chelsea.jpg\) has no 'caption' list"),
-        ([{"image": "chelsea.jpg", "caption": ["", "..."]}], "has no usable caption"),
-        (
-            [{"image": "chelsea.jpg", "caption": "a"}, {"image": "chelsea.jpg", "caption": "b"}],
-            "in entries 0 and 1",
-        ),
-        ([{"image": "gone.jpg", "caption": ["c"]}], "1 of 1 images missing"),
-    ],
-)
-def test_eval_set_errors_name_the_problem(tmp_path, entries, message):
-    path = _eval_json(tmp_path, entries)
-    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
-        load_eval_set(path, image_root=PHOTOS)
-    assert str(path) in str(err.value)
+def test_eval_texts_refuse_a_caption_cleaning_empties(tmp_path):
+    entries = [{"image": "chelsea.jpg", "caption": ["a cat", "..."]}]
+    ev = load_eval_set(_eval_json(tmp_path, entries), PHOTOS)
+    with pytest.raises(ValueError, match=r"caption 1 of .*chelsea.jpg \('\.\.\.'\)"):
+        eval_texts(ev)
 
 
 def test_eval_image_error_names_the_file(tmp_path, config):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    ev = load_eval_set(_eval_json(tmp_path, [{"image": "bad.jpg", "caption": "c"}]), tmp_path)
+    ev = load_eval_set(_eval_json(tmp_path, [{"image": "bad.jpg", "caption": ["c"]}]), tmp_path)
     with pytest.raises(ValueError, match=r"bad\.jpg: not_an_image"):
         EvalImageDataset(ev, eval_transform(config))[0]
 

@@ -1,5 +1,11 @@
 """`dlip data ...`: build manifests from what the real tools write, merge, shard, synthesize.
 
+    dlip data build img2dataset OUTPUT_FOLDER --out M.jsonl [--extract-to DIR] [--verify]
+    dlip data build vg VG_ROOT --out M.jsonl [--min-words 3] [--min-area 0.1] [--max-per-image 10]
+    dlip data build karpathy ANNOTATION.json --images IMAGE_ROOT --out M.jsonl
+    dlip data build flickr30k-csv results.csv --images IMAGE_DIR --out M.jsonl
+    dlip data merge A.jsonl B.jsonl ... --out ALL.jsonl [--exclude-karpathy SPLIT.json ...]
+    dlip data export-json M.jsonl [M2.jsonl ...] --out all.json
     dlip data synth --out DIR --n N [--seed S] [--image-size 64] [--overwrite]
     dlip data shard MANIFEST --out DIR [--max-side 384] [--shard-size 1000] [--workers N]
 
@@ -15,6 +21,26 @@ from pathlib import Path
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="prepare data: manifests, shards, synthetic set")
     cmds = data.add_subparsers(dest="data_command", required=True)
+
+    _add_build_parsers(cmds)
+
+    p = cmds.add_parser("merge", help="merge manifests: dedupe, leakage guard, per-source counts")
+    p.add_argument("manifests", nargs="+", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--exclude-karpathy",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="Karpathy val/test JSONs: drop their COCO / Flickr30K images from the mix",
+    )
+    p.add_argument("--no-dedupe", action="store_true", help="keep repeated image+caption rows")
+    p.set_defaults(func="dlip.data.cli:cmd_merge")
+
+    p = cmds.add_parser("export-json", help="the seed's all.json: [{caption, image_root, id}]")
+    p.add_argument("manifests", nargs="+", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func="dlip.data.cli:cmd_export_json")
 
     p = cmds.add_parser("synth", help="procedurally generated image-caption dataset")
     p.add_argument("--out", required=True, type=Path)
@@ -61,4 +87,98 @@ def cmd_shard(args: argparse.Namespace) -> int:
     if not report.complete:
         print("incomplete: run the same command again to resume")
         return 1
+    return 0
+
+
+def _add_build_parsers(cmds: argparse._SubParsersAction) -> None:
+    build = cmds.add_parser("build", help="a manifest from one source's real output")
+    kinds = build.add_subparsers(dest="kind", required=True)
+
+    p = kinds.add_parser("img2dataset", help="files / webdataset / parquet output (detected)")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--source", default=None, help="source name (default: the folder's name)")
+    p.add_argument(
+        "--extract-to",
+        type=Path,
+        default=None,
+        help="where images inside tar / parquet shards are written (default: <out>_images/)",
+    )
+    p.add_argument("--verify", action="store_true", help="fully decode every image")
+    p.set_defaults(func="dlip.data.cli:cmd_build")
+
+    p = kinds.add_parser("vg", help="Visual Genome region_descriptions.json + VG_100K{,_2}")
+    p.add_argument("root", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--min-words", type=int, default=3)
+    p.add_argument("--min-area", type=float, default=0.1, help="region area / image area")
+    p.add_argument("--max-per-image", type=int, default=10)
+    p.set_defaults(func="dlip.data.cli:cmd_build")
+
+    p = kinds.add_parser("karpathy", help="COCO / Flickr30K Karpathy JSON (BLIP / LAVIS form)")
+    p.add_argument("annotation", type=Path)
+    p.add_argument("--images", required=True, type=Path, help="image root of the paths")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dataset", choices=["coco", "flickr30k"], default=None)
+    p.set_defaults(func="dlip.data.cli:cmd_build")
+
+    p = kinds.add_parser("flickr30k-csv", help="Flickr30K Kaggle results.csv (pipe-delimited)")
+    p.add_argument("csv", type=Path)
+    p.add_argument("--images", required=True, type=Path, help="the flickr30k_images folder")
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func="dlip.data.cli:cmd_build")
+
+
+def _rows(args: argparse.Namespace, report):
+    from dlip.data import karpathy, manifest
+
+    if args.kind == "img2dataset":
+        extract = args.extract_to or manifest.default_extract_dir(args.out)
+        return manifest.build_img2dataset(
+            args.folder, report=report, source=args.source, extract_to=extract, verify=args.verify
+        )
+    if args.kind == "vg":
+        return manifest.build_vg(
+            args.root,
+            report=report,
+            min_words=args.min_words,
+            min_area_frac=args.min_area,
+            max_per_image=args.max_per_image,
+        )
+    if args.kind == "karpathy":
+        return karpathy.build_karpathy(
+            args.annotation, args.images, report=report, dataset=args.dataset
+        )
+    return karpathy.build_flickr30k_csv(args.csv, args.images, report=report)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from dlip.data.manifest import BuildReport, write_rows
+
+    report = BuildReport()
+    n = write_rows(_rows(args, report), args.out, report)
+    print(f"wrote {n} rows to {args.out}\n{report.summary()}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from dlip.data.manifest import BuildReport, merge_manifests, write_rows
+
+    report = BuildReport()
+    rows = merge_manifests(
+        args.manifests,
+        report=report,
+        exclude_karpathy=args.exclude_karpathy,
+        dedupe=not args.no_dedupe,
+    )
+    n = write_rows(rows, args.out, report)
+    print(f"wrote {n} rows to {args.out}\n{report.summary()}")
+    return 0
+
+
+def cmd_export_json(args: argparse.Namespace) -> int:
+    from dlip.data.manifest import export_json
+
+    n = export_json(args.manifests, args.out)
+    print(f"wrote {n} entries to {args.out}")
     return 0

@@ -32,6 +32,7 @@ REASONS = (
     "duplicate",  # same image + caption already kept
     "karpathy_eval",  # image in a Karpathy val/test split (leakage guard)
     "bad_shard",  # a tar shard that cannot be opened or read to the end
+    "malformed_row",  # a source row (e.g. a CSV line) that cannot be parsed
 )
 
 MAX_IMAGE_PIXELS = 178_956_970  # PIL's own default bomb limit, applied explicitly

@@ -9,10 +9,8 @@ counts as "empty_caption". The caption is checked before the image is decoded.
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dlip.data.common import BadSample, SkipCounts, check_caption, decode_image, read_manifest
+from dlip.data.common import BadSample, check_caption, decode_image, read_manifest
+from dlip.data.karpathy import EvalSet
 from dlip.data.loader import Skipped
 from dlip.tokenizer import pre_caption
 
@@ -155,82 +154,19 @@ class CaptionTrainDataset(ManifestDataset):
         super().__init__(manifest, transform, max_words, prompt)
 
 
-@dataclass
-class EvalSet:
-    """A retrieval / captioning evaluation split: images, all their captions, and the maps.
+def eval_texts(eval_set: EvalSet, max_words: int = 30) -> list[str]:
+    """The eval captions through `pre_caption`, in EvalSet order (texts[t] <-> txt2img[t]).
 
-    texts[t] describes images[txt2img[t]]; img2txt[i] lists the text indices of image i.
+    A caption that cleaning empties is an error naming it: dropping it would change the split.
     """
-
-    images: list[str]  # image paths (image_root joined)
-    image_ids: list[str]  # "image_id" of the entry, else the file stem (COCO: its int id)
-    texts: list[str]  # pre_caption'ed, flat over images
-    txt2img: list[int]
-    img2txt: list[list[int]]
-    skipped: SkipCounts = field(default_factory=SkipCounts)  # captions dropped as bad
-
-
-def _eval_entries(path: Path) -> list[dict[str, Any]]:
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read an evaluation JSON ({err})") from None
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a list of {{'image', 'caption'}} entries")
-    for n, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-            raise ValueError(f"{path}: entry {n} has no 'image' path")
-        if not isinstance(entry.get("caption"), (str, list)):
-            raise ValueError(f"{path}: entry {n} ({entry['image']}) has no 'caption' list")
-    return entries
-
-
-def load_eval_set(
-    ann_path: str | Path,
-    image_root: str | Path = "",
-    max_words: int = 30,
-    check_images: bool = True,
-) -> EvalSet:
-    """Read a Karpathy-style val/test JSON: `[{"image": rel_path, "caption": [str, ...]}, ...]`.
-
-    Bad captions are dropped and counted; an image with no usable caption, an image listed
-    twice (a per-caption train file?) or, with `check_images`, a missing image file is an error:
-    recall on a silently shrunk test set is not comparable to anyone's.
-    """
-    path = Path(ann_path)
-    out = EvalSet([], [], [], [], [])
-    seen: dict[str, int] = {}
-    for n, entry in enumerate(_eval_entries(path)):
-        image = str(Path(image_root) / entry["image"])
-        if image in seen:
-            raise ValueError(
-                f"{path}: image {entry['image']} is in entries {seen[image]} and {n}; an eval JSON "
-                "has one entry per image with all its captions (is this a train-split file?)"
-            )
-        seen[image] = n
-        captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-        text_ids = []
-        for caption in captions:
-            try:
-                out.texts.append(clean_caption(caption, max_words))
-            except BadSample as err:
-                out.skipped.add(err.reason)
-                continue
-            text_ids.append(len(out.texts) - 1)
-            out.txt2img.append(len(out.images))
-        if not text_ids:
-            raise ValueError(f"{path}: entry {n} ({entry['image']}) has no usable caption")
-        out.images.append(image)
-        out.image_ids.append(str(entry.get("image_id", Path(entry["image"]).stem)))
-        out.img2txt.append(text_ids)
-    if check_images:
-        missing = [p for p in out.images if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{path}: {len(missing)} of {len(out.images)} images missing under "
-                f"{image_root!s}, e.g. {missing[:3]}"
-            )
-    return out
+    texts = []
+    for t, caption in enumerate(eval_set.captions):
+        try:
+            texts.append(clean_caption(caption, max_words))
+        except BadSample as err:
+            image = eval_set.images[eval_set.txt2img[t]]
+            raise ValueError(f"caption {t} of {image} ({caption!r}): {err}") from None
+    return texts
 
 
 class EvalImageDataset(Dataset):

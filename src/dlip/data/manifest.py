@@ -1,0 +1,497 @@
+"""Manifest builders: what img2dataset, Visual Genome, COCO and Flickr30K ship -> jsonl rows.
+
+Each builder yields DESIGN.md rows `{"image", "caption", "source", "image_id"}` (absolute
+image paths, stripped captions), skipping bad samples and counting them by a `common.REASONS`
+name in a `BuildReport` as the rows are consumed. `write_rows` writes rows and counts them per
+source; `merge_manifests` joins manifests, drops duplicates and Karpathy val/test images;
+`export_json` writes the seed's `all.json`. The sources:
+
+- **img2dataset** (`build_img2dataset`), output format detected from the folder: `files`
+  (`NNNNN/KEY.jpg|.txt|.json`), `webdataset` (`NNNNN.tar` holding the same members) or
+  `parquet` (image bytes in a `jpg` column); each shard also has `NNNNN.parquet` listing every
+  attempted sample with its `status` (anything but `success` is `download_failed`) and
+  `NNNNN_stats.json`. Images inside tar/parquet shards are extracted to
+  `extract_to/NNNNN/KEY.jpg` (resumable: an equal-sized file already there is kept). The
+  trade-off: one more file and copy per image, but every later stage (map-style dataset,
+  `dlip data shard`, eval) opens plain paths and can shuffle globally; at tens of millions of
+  images, train on shards instead. `image_id` is `<source>_<key>` (`cc3m_000000015`), or
+  `coco_<id>` when the URL names a COCO image, so the leakage guard sees it after the URL is gone.
+- **Visual Genome** (`build_vg`): `region_descriptions.json`, a list of `{"id", "regions":
+  [{"region_id", "image_id", "phrase", "x", "y", "width", "height"}]}`; images are found in
+  `VG_100K/` or `VG_100K_2/` (nothing is moved); sizes come from `image_data.json` if present,
+  else from each image header (no decode). **Filter** (a region phrase stands for the whole
+  image, so it must describe a large part of it): keep a phrase with at least `min_words`
+  words (default 3) whose box, clipped to the image, covers at least `min_area_frac` (default
+  0.1) of the real image area; per image keep identical phrases (case, spacing and final period
+  ignored) once, as `duplicate` otherwise, and at most `max_per_image` (default 10), largest
+  regions first. Filtered phrases go to `BuildReport.filtered`, not to the bad-sample counts; a
+  missing image counts once per image as `missing_file`. `image_id` is `vg_<id>`.
+- **Karpathy JSONs** of COCO and Flickr30K (`build_karpathy`) and the Flickr30K Kaggle
+  `results.csv` (`build_flickr30k_csv`): see `karpathy.py`, which defines both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dlip.data.common import (
+    BadSample,
+    SkipCounts,
+    check_caption,
+    decode_image,
+    read_manifest,
+    write_manifest,
+)
+from dlip.data.karpathy import build_flickr30k_csv as build_flickr30k_csv  # re-exported
+from dlip.data.karpathy import build_karpathy as build_karpathy  # re-exported
+from dlip.data.karpathy import (
+    coco_id_from_name,
+    eval_image_ids,
+    eval_key,
+    iter_json_array,
+)
+
+Row = dict[str, str]
+
+
+@dataclass
+class BuildReport:
+    """What a build or merge kept (rows per source) and dropped (bad samples by reason, and
+    rows a documented filter removed)."""
+
+    kept: Counter = field(default_factory=Counter)
+    skipped: SkipCounts = field(default_factory=SkipCounts)
+    filtered: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def track(self, rows: Iterable[Row]) -> Iterator[Row]:
+        """Pass rows through, counting them per source as kept."""
+        for row in rows:
+            self.kept[row["source"]] += 1
+            yield row
+
+    def summary(self) -> str:
+        kept = ", ".join(f"{k} {v}" for k, v in sorted(self.kept.items())) or "none"
+        lines = [f"kept {sum(self.kept.values())} ({kept})", self.skipped.summary()]
+        if self.filtered:
+            parts = ", ".join(f"{k} {v}" for k, v in sorted(self.filtered.items()))
+            lines.append(f"filtered {sum(self.filtered.values())} ({parts})")
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    def as_dict(self) -> dict[str, Any]:
+        counts = {k: dict(getattr(self, k)) for k in ("kept", "skipped", "filtered")}
+        return {**counts, "notes": list(self.notes)}
+
+
+def write_rows(rows: Iterable[Row], out: str | Path, report: BuildReport) -> int:
+    """Write rows as a jsonl manifest (atomically), counting kept rows per source."""
+    return write_manifest(report.track(rows), out)
+
+
+def default_extract_dir(manifest: str | Path) -> Path:
+    """Where images from tar/parquet shards go by default: `<manifest stem>_images/` beside it."""
+    return Path(manifest).with_name(Path(manifest).stem + "_images")
+
+
+# ---------------------------------------------------------------------------- img2dataset
+
+I2D_FORMATS = ("files", "webdataset", "parquet")
+_IMAGE_EXTS = ("jpg", "png", "webp")  # img2dataset's encode_format choices
+_SHARD = re.compile(r"(\d+)(?:\.tar|\.parquet)?")
+_KEY = re.compile(r"[\w-]+")
+
+
+def detect_img2dataset_format(folder: str | Path) -> str:
+    """'files', 'webdataset' or 'parquet', from what is in an img2dataset output folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"img2dataset output folder not found: {folder}")
+    names = os.listdir(folder)
+    if any(n.endswith(".tar") and _SHARD.fullmatch(n) for n in names):
+        return "webdataset"
+    if any(_SHARD.fullmatch(n) and (folder / n).is_dir() for n in names):
+        return "files"
+    parquets = sorted(n for n in names if n.endswith(".parquet") and _SHARD.fullmatch(n))
+    if parquets:
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(folder / parquets[0]).names
+        return "parquet" if any(e in columns for e in _IMAGE_EXTS) else "files"
+    raise ValueError(f"{folder}: no img2dataset shards (NNNNN/, NNNNN.tar or NNNNN.parquet)")
+
+
+def _read_meta(parquet: Path, report: BuildReport) -> dict[str, dict[str, Any]] | None:
+    """key -> {status, caption, url} of every sample a shard attempted; None if unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(parquet).names
+        cols = [c for c in ("key", "status", "caption", "url") if c in schema]
+        rows = pq.read_table(parquet, columns=cols).to_pylist()
+    except (OSError, ValueError) as err:  # absent, or cut short by an interrupted run
+        report.notes.append(f"{parquet}: unreadable shard metadata ({err})")
+        return None
+    if "caption" not in schema:
+        raise ValueError(f"{parquet}: no 'caption' column (img2dataset ran without caption_col)")
+    return {r["key"]: r for r in rows}
+
+
+def _i2d_row(
+    meta: dict[str, Any], image: str, source: str, report: BuildReport, data: bytes | None = None
+) -> Row | None:
+    """The manifest row of one downloaded sample, or None (counted) if it must be skipped."""
+    try:
+        caption = check_caption(meta.get("caption")).strip()
+        if data is not None:  # verification asked for: decode fully before keeping
+            decode_image(data)
+    except BadSample as bad:
+        report.skipped.add(bad.reason)
+        return None
+    url = meta.get("url") or ""
+    coco_id = coco_id_from_name(url)
+    image_id = f"coco_{coco_id}" if coco_id is not None else f"{source}_{meta['key']}"
+    return {"image": image, "caption": caption, "source": source, "image_id": image_id, "url": url}
+
+
+def _files_shard(
+    folder: Path, shard: str, source: str, report: BuildReport, verify: bool
+) -> Iterator[Row]:
+    sub = folder / shard
+    present = set(os.listdir(sub)) if sub.is_dir() else set()
+    meta = _read_meta(folder / f"{shard}.parquet", report)
+    if meta is None:  # fall back to the per-sample .json files: only successes are visible
+        meta = {}
+        for name in sorted(n for n in present if n.endswith(".json")):
+            m = json.loads((sub / name).read_text(encoding="utf-8"))
+            meta[m["key"]] = m
+    for key, m in sorted(meta.items()):  # key order: the parquet is in completion order
+        if m["status"] != "success":
+            report.skipped.add("download_failed")
+            continue
+        name = next((f"{key}.{e}" for e in _IMAGE_EXTS if f"{key}.{e}" in present), None)
+        if name is None:
+            report.skipped.add("missing_file")
+            continue
+        path = os.path.abspath(sub / name)
+        row = _i2d_row(m, path, source, report, Path(path).read_bytes() if verify else None)
+        if row is not None:
+            yield row
+
+
+def _tar_samples(tar_path: Path, report: BuildReport) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of a webdataset tar, streamed (members grouped by key)."""
+    import tarfile
+
+    key, parts = None, {}
+    try:
+        with tarfile.open(tar_path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, _, ext = os.path.basename(member.name).partition(".")
+                if k != key and key is not None:
+                    yield key, parts
+                    parts = {}
+                key = k
+                parts[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        report.notes.append(f"{tar_path}: tar cut short ({err}); later samples missing")
+    if key is not None:
+        yield key, parts
+
+
+def _extract(data: bytes, dest: Path) -> str:
+    """Write image bytes to dest unless an equal-sized file is already there (resume)."""
+    if not (dest.is_file() and dest.stat().st_size == len(data)):
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(dest)  # atomic: an interrupted run never leaves half an image
+    return os.path.abspath(dest)
+
+
+def _tar_shard(
+    folder: Path, shard: str, source: str, report: BuildReport, out_dir: Path, verify: bool
+) -> Iterator[Row]:
+    meta = _read_meta(folder / f"{shard}.parquet", report) or {}
+    expected = {k for k, m in meta.items() if m["status"] == "success"}
+    # update() with a list, not add(n): a count of 0 must not create an entry
+    report.skipped.update(["download_failed"] * (len(meta) - len(expected)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for key, parts in _tar_samples(folder / f"{shard}.tar", report):
+        expected.discard(key)
+        m = json.loads(parts["json"]) if "json" in parts else {"key": key, "status": "success"}
+        m["caption"] = parts.get("txt")  # bytes: check_caption reports invalid UTF-8
+        ext = next((e for e in _IMAGE_EXTS if e in parts), None)
+        if ext is None:
+            report.skipped.add("missing_file")
+            continue
+        row = _i2d_row(m, "", source, report, parts[ext] if verify else None)
+        if row is not None:
+            row["image"] = _extract(parts[ext], out_dir / f"{key}.{ext}")
+            yield row
+    report.skipped.update(["missing_file"] * len(expected))  # success, but absent from the tar
+
+
+def _parquet_shard(
+    folder: Path, shard: str, source: str, report: BuildReport, out_dir: Path, verify: bool
+) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(folder / f"{shard}.parquet")
+    names = pf.schema_arrow.names
+    ext = next((e for e in _IMAGE_EXTS if e in names), None)
+    if ext is None or "caption" not in names:
+        raise ValueError(f"{folder / shard}.parquet: needs an image column and 'caption'")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = ["key", "status", "caption", "url", ext]
+    for batch in pf.iter_batches(batch_size=256, columns=cols):  # bounded memory
+        for m in batch.to_pylist():
+            data = m.pop(ext)
+            if not _KEY.fullmatch(str(m["key"])):  # the key becomes a file name
+                raise ValueError(f"{folder / shard}.parquet: bad sample key {m['key']!r}")
+            if m["status"] != "success":
+                report.skipped.add("download_failed")
+            elif not data:
+                report.skipped.add("missing_file" if data is None else "empty_image")
+            else:
+                row = _i2d_row(m, "", source, report, data if verify else None)
+                if row is not None:
+                    row["image"] = _extract(data, out_dir / f"{m['key']}.{ext}")
+                    yield row
+
+
+def build_img2dataset(
+    folder: str | Path,
+    *,
+    report: BuildReport,
+    source: str | None = None,
+    extract_to: str | Path | None = None,
+    verify: bool = False,
+    output_format: str | None = None,
+) -> Iterator[Row]:
+    """Rows of an img2dataset output folder (format detected unless `output_format` is given).
+
+    `source` defaults to the folder name (`cc3m/` -> "cc3m"). `extract_to` is required for the
+    webdataset and parquet formats (images are written there, see the module docstring).
+    `verify` fully decodes every image and skips undecodable ones (slow; img2dataset already
+    decoded and re-encoded each image unless it ran with `disable_all_reencoding`).
+    Rows also carry the sample's `url` (not written to the manifest).
+    """
+    folder = Path(folder)
+    fmt = output_format or detect_img2dataset_format(folder)
+    if fmt not in I2D_FORMATS:
+        raise ValueError(f"unknown img2dataset output format {fmt!r}; expected {I2D_FORMATS}")
+    if fmt != "files" and extract_to is None:
+        raise ValueError(f"{folder}: {fmt} output keeps images in shards; pass extract_to")
+    source = source or folder.resolve().name.lower()
+    shards = sorted({m.group(1) for n in os.listdir(folder) if (m := _SHARD.fullmatch(n))})
+    for shard in shards:
+        if fmt == "files":
+            yield from _files_shard(folder, shard, source, report, verify)
+        elif (folder / f"{shard}.{'tar' if fmt == 'webdataset' else 'parquet'}").is_file():
+            shard_fn = _tar_shard if fmt == "webdataset" else _parquet_shard
+            yield from shard_fn(folder, shard, source, report, Path(extract_to) / shard, verify)
+        else:
+            report.notes.append(f"{folder}: shard {shard} has no {fmt} file")
+
+
+# ---------------------------------------------------------------------------- Visual Genome
+
+
+def _vg_images(root: Path) -> dict[int, Path]:
+    """VG image id -> file, from VG_100K and VG_100K_2 (one directory listing each)."""
+    index: dict[int, Path] = {}
+    folders = [root / d for d in ("VG_100K", "VG_100K_2") if (root / d).is_dir()]
+    if not folders:
+        raise FileNotFoundError(f"{root}: neither VG_100K/ nor VG_100K_2/ exists")
+    for folder in folders:
+        for name in os.listdir(folder):
+            stem, _, ext = name.partition(".")
+            if stem.isdigit() and ext.lower() == "jpg":
+                index.setdefault(int(stem), folder / name)
+    return index
+
+
+def _vg_image_data(root: Path) -> dict[int, dict[str, Any]]:
+    """image id -> {width, height, coco_id} from image_data.json, or {} if it is absent."""
+    path = root / "image_data.json"
+    if not path.is_file():
+        return {}
+    info = {}
+    for n, d in enumerate(iter_json_array(path)):
+        if d.get("image_id", d.get("id")) is None:
+            raise ValueError(f"{path}: item {n} has no 'image_id'")
+        info[int(d.get("image_id", d.get("id")))] = d
+    return info
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Image.UnidentifiedImageError as err:
+        raise BadSample("not_an_image", str(err)) from None
+    except OSError as err:
+        raise BadSample("truncated", str(err)) from None
+    if w * h == 0:
+        raise BadSample("empty_image", f"{w}x{h}")
+    return w, h
+
+
+def _select_phrases(
+    regions: list[dict[str, Any]], size: tuple[int, int], cfg: dict[str, Any], report: BuildReport
+) -> list[str]:
+    """The phrases of one image that pass the VG filter (module docstring), largest first."""
+    w, h = size
+    scored: list[tuple[float, str]] = []
+    for region in regions:
+        try:
+            phrase = " ".join(check_caption(region.get("phrase")).split())
+        except BadSample as bad:
+            report.skipped.add(bad.reason)
+            continue
+        if len(phrase.split()) < cfg["min_words"]:
+            report.filtered["vg_short_phrase"] += 1
+            continue
+        try:
+            x, y, rw, rh = (float(region[k]) for k in ("x", "y", "width", "height"))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"region {region.get('region_id')}: bad x/y/width/height") from None
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(w, x + rw), min(h, y + rh)  # boxes overhang
+        area = max(0, x1 - x0) * max(0, y1 - y0) / (w * h)
+        if area < cfg["min_area_frac"]:
+            report.filtered["vg_small_region"] += 1
+            continue
+        scored.append((area, phrase))
+    scored.sort(key=lambda t: -t[0])  # stable: ties keep file order
+    kept: dict[str, str] = {}
+    for _, phrase in scored:
+        key = phrase.lower().rstrip(" .")  # phrase spacing is already normalised
+        if key in kept:
+            report.skipped.add("duplicate")
+        elif len(kept) >= cfg["max_per_image"]:
+            report.filtered["vg_per_image_cap"] += 1
+        else:
+            kept[key] = phrase
+    return list(kept.values())
+
+
+def build_vg(
+    root: str | Path,
+    *,
+    report: BuildReport,
+    min_words: int = 3,
+    min_area_frac: float = 0.1,
+    max_per_image: int = 10,
+    exclude_image_ids: Collection[str] = (),
+) -> Iterator[Row]:
+    """Rows of Visual Genome: filtered region phrases paired with their whole image.
+
+    `root` holds region_descriptions.json, VG_100K/ and/or VG_100K_2/, optionally
+    image_data.json. The filter and its thresholds are described in the module docstring.
+    `exclude_image_ids` (e.g. `karpathy.eval_image_ids(...)`) drops VG images whose
+    image_data.json `coco_id` is a Karpathy val/test COCO image, counted as `karpathy_eval`.
+    """
+    root = Path(root)
+    regions_file = root / "region_descriptions.json"
+    if not regions_file.is_file():
+        raise FileNotFoundError(f"{regions_file} not found")
+    cfg = {"min_words": min_words, "min_area_frac": min_area_frac, "max_per_image": max_per_image}
+    images, info = _vg_images(root.resolve()), _vg_image_data(root)
+    for n, item in enumerate(iter_json_array(regions_file)):
+        if "regions" not in item or ("id" not in item and "image_id" not in item):
+            raise ValueError(f"{regions_file}: item {n} lacks 'id' or 'regions'")
+        vg_id = int(item.get("id", item.get("image_id")))
+        meta = info.get(vg_id, {})
+        if meta.get("coco_id") and f"coco_{meta['coco_id']}" in exclude_image_ids:
+            report.skipped.add("karpathy_eval")
+            continue
+        path = images.get(vg_id)
+        if path is None:
+            report.skipped.add("missing_file")
+            continue
+        try:
+            size = (meta["width"], meta["height"]) if "width" in meta else _image_size(path)
+        except BadSample as bad:
+            report.skipped.add(bad.reason)
+            continue
+        try:
+            phrases = _select_phrases(item["regions"], size, cfg, report)
+        except ValueError as err:
+            raise ValueError(f"{regions_file}: image {vg_id}: {err}") from None
+        for phrase in phrases:
+            yield {"image": str(path), "caption": phrase, "source": "vg", "image_id": f"vg_{vg_id}"}
+
+
+# ---------------------------------------------------------------------------- merge / export
+
+
+def _dedupe_key(row: Row) -> bytes:
+    # 16-byte digest instead of the strings: millions of rows stay a few hundred MB.
+    text = row["image"] + "\0" + " ".join(row["caption"].lower().split())
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def merge_manifests(
+    paths: Sequence[str | Path],
+    *,
+    report: BuildReport,
+    exclude_karpathy: Sequence[str | Path] = (),
+    dedupe: bool = True,
+) -> Iterator[Row]:
+    """Rows of several manifests in order, with duplicates and Karpathy eval images dropped.
+
+    Duplicates are the same image path and caption (case and spacing ignored); the first wins.
+    `exclude_karpathy` lists Karpathy val/test JSONs: every row showing one of their images
+    (see `eval_key`) is dropped as `karpathy_eval`.
+    """
+    leak = eval_image_ids(exclude_karpathy) if exclude_karpathy else set()
+    seen: set[bytes] = set()
+    for path in paths:
+        for row in read_manifest(path):
+            if leak and eval_key(row) in leak:
+                report.skipped.add("karpathy_eval")
+                continue
+            if dedupe:
+                key = _dedupe_key(row)
+                if key in seen:
+                    report.skipped.add("duplicate")
+                    continue
+                seen.add(key)
+            yield row
+
+
+def export_json(manifests: Sequence[str | Path], out: str | Path) -> int:
+    """Write the seed's `all.json`: a JSON list of `{"caption", "image_root", "id"}`.
+
+    `image_root` is the absolute image path, `id` the row's position (unique). Streamed, and
+    written atomically. Returns the number of entries.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("[")
+        for path in manifests:
+            for row in read_manifest(path):
+                if "://" in row["image"]:
+                    raise ValueError(f"{path}: row {row['image_id']} has a URL, not a file path")
+                entry = {"caption": row["caption"], "image_root": os.path.abspath(row["image"])}
+                entry["id"] = n
+                f.write(("\n" if n == 0 else ",\n") + json.dumps(entry, ensure_ascii=False))
+                n += 1
+        f.write("\n]\n")
+    tmp.replace(out)
+    return n
