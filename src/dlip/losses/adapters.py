@@ -1,0 +1,366 @@
+"""Distillation plumbing between a student and its teacher: config, layer maps, projectors.
+
+- `KDConfig` / `KD_TERMS`: the terms, their weights (0 = off) and settings; the loss math lives
+  in `dlip.losses.distill`, which re-exports both.
+- `LayerMap`: explicit teacher->student layer pairs for one stream, uniform by default.
+- `KDAdapters`: the learnable projectors (student width -> teacher width) of the representation
+  and hidden-state KD terms, keyed by term. They are trained, wrapped in DDP and saved with the
+  student; the model's ITC `vision_proj` / `text_proj` are never reused for KD, so distillation
+  cannot move the retrieval embedding space.
+- `resample_patches`: the rule for teachers that see another image size (patch grid).
+
+Streams are the forward passes KD reads, each over the tower layers that pass runs:
+`image` (vision tower), `text` (unimodal text: the text-only layers), `fusion` (the image-grounded
+encoder: the cross-attending layers, all of them for BLIP's `fusion_layers="all"`, the last k for
+`fusion_layers=k`) and `decoder` (every text layer, causal). Layer numbers are 0-based indices of
+the tower, as in `Taps`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dlip.config import ModelConfig
+from dlip.models.outputs import NO_TAPS, Taps
+
+STREAMS = ("image", "text", "fusion", "decoder")
+
+KD_TERMS = (
+    "kd_itc",
+    "kd_itm",
+    "kd_lm",
+    "kd_rep_image",
+    "kd_rep_patch",
+    "kd_rep_text",
+    "kd_rep_fusion",
+    "kd_rep_decoder",
+    "kd_hidden_image",
+    "kd_hidden_text",
+    "kd_hidden_fusion",
+    "kd_hidden_decoder",
+    "kd_attn_image",
+    "kd_attn_text",
+    "kd_attn_fusion",
+    "kd_attn_cross",
+    "kd_attn_decoder",
+)
+REP_LOSSES = ("cos", "mse")
+PATCH_POOLS = ("token", "mean")
+
+
+# ------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class KDConfig:
+    """Distillation settings of a run. A term is off unless `weights` gives it a weight > 0."""
+
+    weights: Mapping[str, float] = field(default_factory=dict)  # term (KD_TERMS) -> weight
+    # Temperature of the teacher's ITC similarities; None = the teacher's own learned `temp`.
+    # The student always uses its own `temp` (its ITC space is what the student learns).
+    itc_temperature: float | None = None
+    itm_temperature: float = 1.0  # Hinton softening; the term is scaled by T^2
+    lm_temperature: float = 1.0  # Hinton softening; the term is scaled by T^2
+    rep_loss: str = "cos"  # kd_rep_*: "cos" (1 - cosine) or "mse"
+    hidden_loss: str = "mse"  # kd_hidden_*: "mse" (TinyBERT) or "cos"
+    patch_pool: str = "token"  # kd_rep_patch: "token" (per patch) or "mean" (mean patch)
+    # stream -> explicit layer map (LayerMap.resolve): a teacher layer per student layer, or
+    # [student, teacher] pairs; a stream not listed maps uniformly.
+    layer_maps: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    eps: float = 1e-8  # clamp of student attention probabilities before the log
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.weights) - set(KD_TERMS))
+        if unknown:
+            raise ValueError(f"unknown KD term(s) {unknown}; terms are {list(KD_TERMS)}")
+        for term, w in self.weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
+                raise ValueError(f"KD weight {term}={w!r} must be a finite number >= 0")
+        for name in ("itm_temperature", "lm_temperature", "eps"):
+            _check_positive(name, getattr(self, name))
+        if self.itc_temperature is not None:
+            _check_positive("itc_temperature", self.itc_temperature)
+        for name, value, allowed in (
+            ("rep_loss", self.rep_loss, REP_LOSSES),
+            ("hidden_loss", self.hidden_loss, REP_LOSSES),
+            ("patch_pool", self.patch_pool, PATCH_POOLS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"KD {name}={value!r}; choose one of {allowed}")
+        bad = sorted(set(self.layer_maps) - set(STREAMS))
+        if bad:
+            raise ValueError(f"unknown KD layer-map stream(s) {bad}; streams are {STREAMS}")
+
+    @property
+    def enabled(self) -> tuple[str, ...]:
+        """Terms with weight > 0, in KD_TERMS order."""
+        return tuple(t for t in KD_TERMS if self.weights.get(t, 0) > 0)
+
+    def weight(self, term: str) -> float:
+        if term not in KD_TERMS:
+            raise KeyError(f"unknown KD term {term!r}")
+        return float(self.weights.get(term, 0.0))
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"KD {name}={value!r} must be a finite number > 0")
+
+
+# Projected terms -> the stream whose width they project ("image": vision width, else text width).
+PROJECTED_TERMS = {
+    "kd_rep_image": "image",
+    "kd_rep_patch": "image",
+    "kd_rep_text": "text",
+    "kd_rep_fusion": "fusion",
+    "kd_rep_decoder": "decoder",
+    "kd_hidden_image": "image",
+    "kd_hidden_text": "text",
+    "kd_hidden_fusion": "fusion",
+    "kd_hidden_decoder": "decoder",
+}
+# Terms that read tapped layers -> (stream, "hidden" | "attn").
+LAYER_TERMS = {
+    "kd_hidden_image": ("image", "hidden"),
+    "kd_hidden_text": ("text", "hidden"),
+    "kd_hidden_fusion": ("fusion", "hidden"),
+    "kd_hidden_decoder": ("decoder", "hidden"),
+    "kd_attn_image": ("image", "attn"),
+    "kd_attn_text": ("text", "attn"),
+    "kd_attn_fusion": ("fusion", "attn"),
+    "kd_attn_cross": ("fusion", "attn"),
+    "kd_attn_decoder": ("decoder", "attn"),
+}
+
+
+def stream_layers(config: ModelConfig, stream: str) -> range:
+    """The tower layers a stream's pass runs (and a layer map may name)."""
+    t = config.text
+    if stream == "image":
+        return range(config.vision.depth)
+    if stream == "text":
+        return range(t.text_only_layers)
+    if stream == "fusion":
+        return (
+            range(t.num_layers)
+            if t.fusion_layers == "all"
+            else range(t.text_only_layers, t.num_layers)
+        )
+    if stream == "decoder":
+        return range(t.num_layers)
+    raise ValueError(f"unknown KD stream {stream!r}; streams are {STREAMS}")
+
+
+def stream_width(config: ModelConfig, stream: str) -> int:
+    return config.vision.width if stream == "image" else config.text.hidden_size
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """(student layer, teacher layer) pairs of one stream; KD terms average over the pairs.
+
+    Default (`uniform`): student layer i of Ls <- teacher layer round((i+1)*Lt/Ls) - 1 (rounded
+    half up, at least the first layer), counted within each stream's layers. The last student
+    layer therefore always maps to the last teacher layer, and the others are spread evenly
+    below it: 6 <- 12 gives 0<-1, 1<-3, 2<-5, 3<-7, 4<-9, 5<-11 (TinyBERT-style uniform
+    spacing). A deeper student maps several layers to one teacher layer.
+    """
+
+    stream: str
+    pairs: tuple[tuple[int, int], ...]
+
+    @property
+    def student_layers(self) -> frozenset[int]:
+        return frozenset(s for s, _ in self.pairs)
+
+    @property
+    def teacher_layers(self) -> frozenset[int]:
+        return frozenset(t for _, t in self.pairs)
+
+    @classmethod
+    def uniform(cls, stream: str, student: Sequence[int], teacher: Sequence[int]) -> LayerMap:
+        ls, lt = len(student), len(teacher)
+        if ls == 0 or lt == 0:
+            raise ValueError(f"kd layer map '{stream}': a tower runs no layers in this stream")
+        # round half up in integers: floor((i+1)*lt/ls + 1/2) = ((i+1)*2*lt + ls) // (2*ls)
+        picks = [max(1, ((i + 1) * 2 * lt + ls) // (2 * ls)) - 1 for i in range(ls)]
+        return cls(stream, tuple((student[i], teacher[j]) for i, j in enumerate(picks)))
+
+    @classmethod
+    def resolve(
+        cls,
+        stream: str,
+        spec: Sequence[Any] | None,
+        student: range,
+        teacher: range,
+        depths: tuple[int, int] | None = None,
+    ) -> LayerMap:
+        """`spec`: None (uniform); a list of teacher layers, one per student layer of the
+        stream in order; or a list of [student, teacher] pairs. `student` / `teacher`: the
+        layers each model's pass runs; `depths`: (student, teacher) tower depths for messages.
+        A layer out of range -> ValueError naming the layer and the tower depth."""
+        s_depth, t_depth = depths or (student.stop, teacher.stop)
+        if spec is None:
+            return cls.uniform(stream, student, teacher)
+        spec = list(spec)
+        if not spec:
+            raise ValueError(f"kd layer map '{stream}' is empty")
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in spec):
+            if len(spec) != len(student):
+                raise ValueError(
+                    f"kd layer map '{stream}' lists {len(spec)} teacher layers, but the student's "
+                    f"{stream} pass runs {len(student)} layers ({_span(student)}); give one "
+                    "teacher layer per student layer or [student, teacher] pairs"
+                )
+            pairs = list(zip(student, spec, strict=True))
+        elif all(isinstance(x, (list, tuple)) and len(x) == 2 for x in spec):
+            pairs = [(x[0], x[1]) for x in spec]
+        else:
+            raise ValueError(
+                f"kd layer map '{stream}' must be a list of ints or of [student, teacher] pairs, "
+                f"got {spec!r}"
+            )
+        for s, t in pairs:
+            _check_layer(stream, "student", s, student, s_depth)
+            _check_layer(stream, "teacher", t, teacher, t_depth)
+        return cls(stream, tuple((int(s), int(t)) for s, t in pairs))
+
+
+def _span(layers: range) -> str:
+    return f"layers {layers.start}-{layers.stop - 1}" if len(layers) else "no layers"
+
+
+def _check_layer(stream: str, side: str, layer: Any, layers: range, depth: int) -> None:
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer not in layers:
+        raise ValueError(
+            f"kd layer map '{stream}': {side} layer {layer!r} is out of range; the {side}'s "
+            f"{'vision' if stream == 'image' else 'text'} tower has {depth} layers and its "
+            f"{stream} pass runs {_span(layers)}"
+        )
+
+
+def tower_depth(config: ModelConfig, stream: str) -> int:
+    return config.vision.depth if stream == "image" else config.text.num_layers
+
+
+class KDAdapters(nn.ModuleDict):
+    """Projectors keyed by KD term (`nn.Linear(student_width, teacher_width)`, or `nn.Identity`
+    when the widths are equal), plus the resolved layer maps (plain attributes, not state).
+
+    One projector per hidden-state term is shared by all mapped layers of that stream: a
+    transformer's layers write into one residual stream, so one change of basis serves them
+    all (TinyBERT's choice). Build with `KDAdapters.build(cfg, student_config, teacher_config)`;
+    the trainer optimises and checkpoints it with the student.
+    """
+
+    def __init__(
+        self,
+        projectors: Mapping[str, nn.Module] | None = None,
+        layer_maps: Mapping[str, LayerMap] | None = None,
+        taps: Mapping[tuple[str, str], Taps] | None = None,
+    ) -> None:
+        super().__init__(dict(projectors or {}))
+        self.layer_maps: dict[str, LayerMap] = dict(layer_maps or {})
+        self._taps: dict[tuple[str, str], Taps] = dict(taps or {})
+
+    @classmethod
+    def build(cls, cfg: KDConfig, student: ModelConfig, teacher: ModelConfig) -> KDAdapters:
+        """Projectors and layer maps for the terms `cfg` enables; every check that can fail
+        before step 1 (missing towers, vocab mismatch, layer map out of range) fails here."""
+        enabled = cfg.enabled
+        _check_towers(enabled, student, teacher)
+        projectors: dict[str, nn.Module] = {}
+        for term in enabled:
+            if term in PROJECTED_TERMS:
+                stream = PROJECTED_TERMS[term]
+                ds, dt = stream_width(student, stream), stream_width(teacher, stream)
+                projectors[term] = nn.Identity() if ds == dt else nn.Linear(ds, dt)
+        maps: dict[str, LayerMap] = {}
+        needs: dict[str, set[str]] = {}
+        for term in enabled:
+            if term in LAYER_TERMS:
+                stream, kind = LAYER_TERMS[term]
+                needs.setdefault(stream, set()).add(kind)
+        for stream in STREAMS:
+            spec = cfg.layer_maps.get(stream)
+            if stream in needs or spec is not None:
+                s_layers, t_layers = stream_layers(student, stream), stream_layers(teacher, stream)
+                depths = (tower_depth(student, stream), tower_depth(teacher, stream))
+                maps[stream] = LayerMap.resolve(stream, spec, s_layers, t_layers, depths)
+        taps = {}
+        for stream, kinds in needs.items():
+            m = maps[stream]
+            for side, layers in (("student", m.student_layers), ("teacher", m.teacher_layers)):
+                hidden = layers if "hidden" in kinds else frozenset()
+                attn = layers if "attn" in kinds else frozenset()
+                taps[stream, side] = Taps(hidden=hidden, attn=attn)
+        return cls(projectors, maps, taps)
+
+    def taps(self, stream: str, side: str) -> Taps:
+        """What the `side` ("student" | "teacher") model must tap in `stream`'s forward."""
+        if stream not in STREAMS or side not in ("student", "teacher"):
+            raise ValueError(f"taps(stream, side): stream in {STREAMS}, side student|teacher")
+        return self._taps.get((stream, side), NO_TAPS)
+
+    def projector(self, term: str) -> nn.Module:
+        if term not in self:
+            raise KeyError(f"no KD projector for {term!r}; build KDAdapters with {term} enabled")
+        return self[term]
+
+
+def _check_towers(enabled: Sequence[str], student: ModelConfig, teacher: ModelConfig) -> None:
+    for term in enabled:
+        stream = PROJECTED_TERMS.get(term) or LAYER_TERMS.get(term, (None,))[0]
+        if term in ("kd_itc", "kd_itm") or stream in ("text", "fusion"):
+            need = "has_encoder"
+        elif term == "kd_lm" or stream == "decoder":
+            need = "has_decoder"
+        else:
+            continue
+        for side, config in (("student", student), ("teacher", teacher)):
+            if not getattr(config, need):
+                raise ValueError(f"{term} needs the {side} model to have {need}=True")
+    if "kd_lm" in enabled and student.text.vocab_size != teacher.text.vocab_size:
+        raise ValueError(
+            f"kd_lm needs equal vocabularies: student {student.text.vocab_size}, "
+            f"teacher {teacher.text.vocab_size} (same tokenizer)"
+        )
+
+
+def grid_side(num_patches: int) -> int:
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patch tokens do not form a square grid")
+    return side
+
+
+def resample_patches(x: Tensor, num_tokens: int, dim: int, mass: bool = False) -> Tensor:
+    """Resample image tokens along `dim` ([CLS] first, then a g x g patch grid, row-major) to
+    `num_tokens` = 1 + G*G: the CLS entry is kept, the grid is resized by antialiased bilinear
+    interpolation (a convex combination of neighbouring patches, box-like when shrinking).
+
+    This is the rule for a teacher that sees another image size than the student: the
+    teacher's grid is brought to the student's, never the reverse, and the student is
+    compared token by token. `mass=True` is for attention probabilities over image keys:
+    each slice's summed patch probability is kept, so a row stays a distribution. Resampling
+    query rows (mass=False) mixes whole rows convexly, which also keeps them distributions.
+    """
+    n_from = x.shape[dim]
+    if n_from == num_tokens:
+        return x
+    g, big_g = grid_side(n_from - 1), grid_side(num_tokens - 1)
+    moved = x.movedim(dim, -1).float()  # (..., 1+g*g)
+    cls, patches = moved[..., :1], moved[..., 1:]
+    lead = patches.shape[:-1]
+    grid = patches.reshape(-1, 1, g, g)
+    grid = F.interpolate(grid, size=(big_g, big_g), mode="bilinear", antialias=True)
+    out = grid.reshape(*lead, big_g * big_g)
+    if mass:
+        total = patches.sum(-1, keepdim=True)
+        out = out * (total / out.sum(-1, keepdim=True).clamp_min(1e-12))
+    return torch.cat([cls, out], dim=-1).movedim(-1, dim)

@@ -1,0 +1,1 @@
+"""Training: the step, distributed helpers, checkpoints and run entry points."""
