@@ -1,0 +1,212 @@
+"""Training checkpoints: `run_dir/checkpoints/step_N/` with `model.safetensors` + `trainer.pt`.
+
+`model.safetensors` holds the trainable module's weights (tied tensors once, under their
+canonical names, as `dlip.models.io` stores models); load them back with
+`dlip.models.io.load_strict`. `trainer.pt` holds everything else needed to resume exactly:
+optimizer, grad scaler, step, epoch, data position, RNG states (`capture_rng`). It is read with
+`torch.load(weights_only=True)`, so it may contain only tensors and plain containers (dict,
+list, tuple, str, int, float, bool, None); `save_checkpoint` checks that before writing.
+
+Atomicity: a checkpoint is written into a temp directory next to its final place (`.tmp-...`),
+every file and the directory fsynced, then renamed to `step_N` in one `os.rename`. A crash at
+any point leaves either no `step_N` or a complete one, and the previous checkpoints untouched;
+`find_latest` ignores temp directories and the next save removes leftovers. Only rank 0 writes;
+when a process group exists every rank waits at a barrier until the checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dlip.models.io import WEIGHTS_FILE, unique_state_dict
+from dlip.train.distributed import is_dist, is_main_process
+
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_FILE = "trainer.pt"
+TMP_PREFIX = ".tmp-"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step}"
+
+
+def _complete_steps(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint, ascending; temp and partial dirs ignored."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = _STEP_RE.match(d.name)
+        if m and d.is_dir() and (d / WEIGHTS_FILE).is_file() and (d / TRAINER_FILE).is_file():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under `run_dir/checkpoints`, or None."""
+    steps = _complete_steps(run_dir)
+    return steps[-1][1] if steps else None
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Raise naming the first value `torch.load(weights_only=True)` would refuse."""
+    if isinstance(obj, (Tensor, *_PLAIN)):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, str | int):
+                raise TypeError(f"trainer state key {where}[{k!r}] is a {type(k).__name__}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"trainer state {where} is a {type(obj).__module__}.{type(obj).__name__}; "
+        "store only tensors and plain containers (weights_only loading refuses anything else)"
+    )
+
+
+def _model_tensors(model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Weights to store: a module's unique state dict, or a given state dict, CPU, unshared."""
+    state = unique_state_dict(model) if isinstance(model, nn.Module) else dict(model)
+    out: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages and t.numel() > 0:  # safetensors refuses tensors sharing memory
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clean_temp(root: Path) -> None:
+    for d in root.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: str | Path, step: int, state: Mapping[str, Any], keep_last: int | None = 3
+) -> Path:
+    """Write `run_dir/checkpoints/step_{step}/` atomically; returns its path on every rank.
+
+    `state["model"]` (an `nn.Module`, or a state dict) goes to `model.safetensors`; every other
+    entry goes to `trainer.pt`, together with `step`. Afterwards all but the newest `keep_last`
+    complete checkpoints are deleted (`None` keeps all). Saving a step that already exists
+    replaces it.
+    """
+    if "model" not in state:
+        raise KeyError("save_checkpoint needs state['model'] (the trainable module's weights)")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    final = step_dir(run_dir, step)
+    if is_main_process():
+        _write(final, step, state)
+        if keep_last is not None:
+            for _, old in _complete_steps(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    if is_dist():
+        dist.barrier()
+    return final
+
+
+def _write(final: Path, step: int, state: Mapping[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    trainer = {k: v for k, v in state.items() if k != "model"}
+    if trainer.setdefault("step", step) != step:
+        raise ValueError(f"state['step']={trainer['step']} but saving step {step}")
+    _check_plain(trainer, "state")
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_temp(root)  # leftovers of a save killed earlier
+    tmp = root / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(
+            _model_tensors(state["model"]), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"}
+        )
+        torch.save(trainer, tmp / TRAINER_FILE)
+        for f in (tmp / WEIGHTS_FILE, tmp / TRAINER_FILE):
+            _fsync(f)
+        _fsync(tmp)
+        old = None
+        if final.exists():  # rename cannot replace a non-empty directory: move it aside first
+            old = root / f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(model_state, trainer_state) of a `step_N` directory, on CPU.
+
+    Load `model_state` with `dlip.models.io.load_strict(module, model_state, str(path))` (it
+    restores tied names); `trainer_state` is read with `weights_only=True`.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for f in (WEIGHTS_FILE, TRAINER_FILE):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path / f} not found: not a complete checkpoint directory")
+    model_state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+    return model_state, trainer_state
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy, torch CPU (and CUDA, when available) RNG states as weights_only-safe data."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of `capture_rng`; CUDA states are restored only when the device count matches."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
