@@ -6,6 +6,7 @@ dlip convert SRC_DIR --from hf --out DIR
 dlip convert MODEL_DIR --to hf --out DIR
 dlip demo
 dlip data {build,merge,export-json,shard,synth} ...
+dlip pretrain --config YAML [key=value ...] [--resume latest]
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photo", default="chelsea", choices=["chelsea", "astronaut", "coffee"])
     p.add_argument("--text", default="a cat lying on a blanket")
     p.set_defaults(func="dlip.demo:cmd_demo")
+
+    p = sub.add_parser("pretrain", help="distillation pretraining (one process or torchrun)")
+    p.add_argument("--config", default=None, help="run yaml (differences from the defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. run_dir=DIR max_steps=N")
+    p.add_argument("--resume", choices=["latest"], default=None, help="continue run_dir's run")
+    p.set_defaults(func="dlip.train.pretrain:cmd_pretrain")
 
     from dlip.data.cli import add_data_parser
 

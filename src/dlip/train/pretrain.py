@@ -1,0 +1,270 @@
+"""Distillation pretraining: the task module, the run setup and the `dlip pretrain` entry point.
+
+One process (CPU or one GPU, no torch.distributed):
+
+    dlip pretrain --config configs/pretrain/tiny_synth_teacher.yaml run_dir=runs/teacher
+    dlip pretrain --config configs/pretrain/tiny_synth.yaml teacher.checkpoint=runs/teacher/final
+    dlip pretrain --config configs/pretrain/tiny_synth.yaml --resume latest
+
+Several processes (DDP; gloo on CPU, nccl on CUDA), the same arguments:
+
+    torchrun --nproc_per_node=4 -m dlip pretrain \
+        --config configs/pretrain/dlip_small_from_blip_base.yaml teacher.checkpoint=DIR
+
+`PretrainTask` is the one trainable module (student + `KDAdapters`, plus the student's momentum
+encoder and feature queue when `loss.momentum_distill` is on, which are state but not
+parameters being optimised). The frozen teacher is held outside the module's parameters, stays
+in eval mode when the task's `train()` is called and runs under no_grad: it is never wrapped in
+DDP, optimised or checkpointed. `forward(batch)` returns the named, unweighted loss terms; the
+weighted sum is taken in `dlip.train.loop.total_loss`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dlip.losses.adapters import KDAdapters, KDConfig
+from dlip.losses.distill import ITCFeatures, KDInputs, KDMasks, distill_losses, lm_kd_mask
+from dlip.losses.itc import TEMP_MAX, TEMP_MIN, FeatureQueue, clamp_temp, itc_loss
+from dlip.losses.itm import build_itm_batch, itm_loss, with_first_token
+from dlip.losses.lm import lm_loss
+from dlip.models.blip import BLIP
+from dlip.tokenizer import Tokenizer
+from dlip.train.config import PretrainConfig
+from dlip.train.distributed import all_gather_no_grad, all_gather_with_grad, is_dist
+
+# KD terms -> the teacher passes they read (the image pass always runs).
+_TEXT_TERMS = {"kd_itc", "kd_rep_text", "kd_hidden_text", "kd_attn_text"}
+_FUSION_TERMS = {"kd_itm", "kd_rep_fusion", "kd_hidden_fusion", "kd_attn_fusion", "kd_attn_cross"}
+_DECODER_TERMS = {"kd_lm", "kd_rep_decoder", "kd_hidden_decoder", "kd_attn_decoder"}
+
+
+class PretrainTask(nn.Module):
+    """Student + KD adapters (+ momentum encoder and queue): the module DDP wraps and the
+    optimizer and checkpoints see. The teacher is attached but not registered."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        student: BLIP,
+        teacher: BLIP | None = None,
+        adapters: KDAdapters | None = None,
+    ) -> None:
+        super().__init__()
+        for need in ("has_encoder", "has_decoder"):
+            if not getattr(student.config, need):
+                raise ValueError(f"pretraining needs a student with {need}=True (ITC, ITM and LM)")
+        self.kd: KDConfig = cfg.kd_config() if teacher is not None else KDConfig()
+        self.itm_all_ranks = cfg.loss.itm_all_ranks
+        self.student = student
+        self.adapters = adapters if adapters is not None else KDAdapters()
+        self.student_m: BLIP | None = None
+        self.queue: FeatureQueue | None = None
+        if cfg.loss.momentum_distill:  # BLIP's momentum encoder: the student's only
+            self.student_m = copy.deepcopy(student).requires_grad_(False)
+            self.queue = FeatureQueue(student.config.embed_dim, cfg.loss.queue_size)
+        # Not a submodule: out of parameters(), state_dict(), DDP and the optimizer.
+        object.__setattr__(self, "teacher", teacher)
+        if teacher is not None:
+            teacher.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> PretrainTask:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: dropout off whatever the task's mode
+        return self
+
+    def forward(self, batch: Mapping[str, Tensor], alpha: float = 0.0) -> dict[str, Tensor]:
+        """batch: image (B, 3, S, S), input_ids / attention_mask (B, T) ([CLS] first).
+        Returns the unweighted terms: loss_itc, loss_itm, loss_lm and every enabled kd_*."""
+        pixels, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        s, a = self.student, self.adapters
+        image = s.encode_image(pixels, taps=a.taps("image", "student"))
+        text = s.encode_text(ids, mask, taps=a.taps("text", "student"))
+
+        feat_m: dict[str, Tensor] = {}
+        if self.student_m is not None:
+            with torch.no_grad():
+                feat_m["image_feat_m"] = self.student_m.encode_image(pixels).feat
+                feat_m["text_feat_m"] = self.student_m.encode_text(ids, mask).feat
+        itc = itc_loss(image.feat, text.feat, s.temp, queue=self.queue, alpha=alpha, **feat_m)
+        if self.queue is not None:  # after the loss: a batch never scores against itself
+            self.queue.enqueue(feat_m["image_feat_m"], feat_m["text_feat_m"])
+
+        seen: dict[str, Any] = {}  # the student's fusion / decoder outputs, kept for KD
+
+        def itm_fn(img: Tensor, enc_ids: Tensor, enc_mask: Tensor) -> Tensor:
+            out = s.multimodal(img, enc_ids, enc_mask, taps=a.taps("fusion", "student"))
+            seen["fusion"], seen["fusion_mask"] = out, enc_mask
+            return s.itm_head(out.tokens[:, 0])  # (3B, 2)
+
+        def lm_fn(img: Tensor, dec_ids: Tensor, dec_mask: Tensor) -> Tensor:
+            out = s.decode(img, dec_ids, dec_mask, taps=a.taps("decoder", "student"))
+            seen["decoder"], seen["lm_logits"] = out, s.text_decoder.cls(out.tokens)
+            return seen["lm_logits"]  # (B, T, V)
+
+        itm = itm_loss(
+            itm_fn, image.tokens, ids, mask, itc.sim_i2t, itc.sim_t2i,
+            offset=itc.offset, across_ranks=self.itm_all_ranks,
+        )  # fmt: skip
+        lm = lm_loss(lm_fn, image.tokens, ids, mask)
+        terms = {**itc.terms, **itm.terms, **lm.terms}
+        if self.teacher is None or not self.kd.enabled:
+            return terms
+
+        student = KDInputs(
+            image=image,
+            text=text,
+            fusion=seen["fusion"],
+            decoder=seen["decoder"],
+            itc=_itc_features(image.feat, text.feat, clamp_temp(s.temp), with_grad=True),
+            itm_logits=itm.logits,
+            lm_logits=seen["lm_logits"],
+        )
+        teacher = self._teacher_inputs(pixels, ids, mask, itm.neg_image_idx, itm.neg_text_idx)
+        masks = KDMasks(text=mask, fusion=seen["fusion_mask"], decoder=mask, lm=lm_kd_mask(mask))
+        terms.update(distill_losses(student, teacher, a, self.kd, masks))
+        return terms
+
+    @torch.no_grad()
+    def _teacher_inputs(
+        self, pixels: Tensor, ids: Tensor, mask: Tensor, neg_image: Tensor, neg_text: Tensor
+    ) -> KDInputs:
+        """The teacher's passes on the same batch, with the taps the adapters ask for; the
+        fusion pass scores the student's sampled ITM pairs (positives, then negatives)."""
+        t, a, enabled = self.teacher, self.adapters, set(self.kd.enabled)
+        dtype = next(t.parameters()).dtype
+        size = t.config.vision.image_size
+        if pixels.shape[-1] != size:  # the teacher sees its own image size
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
+        out = KDInputs(image=t.encode_image(pixels.to(dtype), taps=a.taps("image", "teacher")))
+        if enabled & _TEXT_TERMS:
+            out.text = t.encode_text(ids, mask, taps=a.taps("text", "teacher"))
+            temp = t.temp.detach().float().clamp(TEMP_MIN, TEMP_MAX)
+            out.itc = _itc_features(out.image.feat, out.text.feat, temp, with_grad=False)
+        if enabled & _FUSION_TERMS:
+            enc_ids = with_first_token(ids, Tokenizer.enc_token_id)
+            images, itm_ids, itm_mask = build_itm_batch(
+                out.image.tokens, enc_ids, mask, neg_image, neg_text, self.itm_all_ranks
+            )
+            out.fusion = t.multimodal(images, itm_ids, itm_mask, taps=a.taps("fusion", "teacher"))
+            out.itm_logits = t.itm_head(out.fusion.tokens[:, 0])
+        if enabled & _DECODER_TERMS:
+            dec_ids = with_first_token(ids, Tokenizer.dec_token_id)
+            out.decoder = t.decode(
+                out.image.tokens, dec_ids, mask, taps=a.taps("decoder", "teacher")
+            )
+            out.lm_logits = t.text_decoder.cls(out.decoder.tokens)
+        return out
+
+
+def _itc_features(image: Tensor, text: Tensor, temp: Tensor, with_grad: bool) -> ITCFeatures:
+    """ITC features; under DDP also gathered from every rank (keys of the affinity KD)."""
+    if not is_dist():
+        return ITCFeatures(image=image, text=text, temp=temp)
+    gather = all_gather_with_grad if with_grad else all_gather_no_grad
+    return ITCFeatures(image, text, temp, image_all=gather(image), text_all=gather(text))
+
+
+# ------------------------------------------------------------------------------------ building
+def load_teacher(cfg: PretrainConfig) -> BLIP | None:
+    """The frozen teacher of `teacher.checkpoint`, or None; a missing path is a clear error."""
+    path = cfg.teacher.checkpoint
+    if not path:
+        return None
+    from dlip.models.io import load
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"teacher.checkpoint={path!r} is not a directory: give a saved dlip model "
+            "(dlip.save / `dlip convert` output, or a pretrain run's final/)"
+        )
+    return load(path).requires_grad_(False).eval()
+
+
+def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask:
+    """Student (+ adapters for `teacher`) as one PretrainTask; every check that can fail before
+    step 1 (vocab mismatch, layer maps, missing towers) fails here."""
+    from dlip.models.presets import create_model
+
+    if cfg.model.init != "random":
+        raise ValueError(f"model.init={cfg.model.init!r} is not supported by the trainer yet")
+    student_config = cfg.model_config()
+    adapters = None
+    if teacher is not None:
+        s_vocab, t_vocab = student_config.text.vocab_size, teacher.config.text.vocab_size
+        if s_vocab != t_vocab:
+            raise ValueError(
+                f"teacher/student tokenizer mismatch: student vocab_size {s_vocab}, teacher "
+                f"{t_vocab} ({cfg.teacher.checkpoint}); both must use the same tokenizer"
+            )
+        adapters = KDAdapters.build(cfg.kd_config(), student_config, teacher.config)
+    student = create_model(student_config)
+    student.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return PretrainTask(cfg, student, teacher, adapters)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def teacher_identity(cfg: PretrainConfig, teacher: BLIP | None) -> dict[str, Any]:
+    """What identifies the teacher of a run (saved with the run and in each checkpoint)."""
+    if teacher is None:
+        return {"checkpoint": None}
+    path = Path(cfg.teacher.checkpoint)
+    weights = path / "model.safetensors"
+    return {
+        "checkpoint": str(path.resolve()),
+        "name": teacher.config.name,
+        "weights_bytes": weights.stat().st_size,
+        "weights_mtime": weights.stat().st_mtime,
+    }
+
+
+# ----------------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dlip pretrain", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="run yaml (differences from defaults)")
+    parser.add_argument("overrides", nargs="*", help="key=value (e.g. run_dir=DIR max_steps=N)")
+    parser.add_argument("--resume", choices=["latest"], default=None, help="resume run_dir's run")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from dlip.train.config import load
+    from dlip.train.loop import run
+
+    cfg = load(args.config, args.overrides)
+    run(cfg, resume=args.resume)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`dlip pretrain` as a function (tests call `main([...])`); errors raise."""
+    return cmd_pretrain(build_parser().parse_args(argv))
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
