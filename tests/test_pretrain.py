@@ -40,17 +40,6 @@ def synth(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A teacher a little wider and deeper than test_tiny, saved as a dlip model."""
-    data = get_config("test_tiny").to_dict()
-    data["vision"].update(width=64, depth=3, num_heads=4)
-    data["text"].update(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128)
-    torch.manual_seed(1)
-    teacher = dlip.BLIP(ModelConfig.from_dict(data))
-    return dlip.save(teacher, tmp_path_factory.mktemp("teacher") / "model")
-
-
 def overrides(synth, run_dir, steps=3, **extra) -> list[str]:
     items = {
         "run_dir": str(run_dir),

@@ -16,12 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-import dlip
-from dlip.config import ModelConfig
 from dlip.data.synthetic import synthesize
-from dlip.models.presets import get_config
 from dlip.train.checkpoint import TMP_PREFIX, TRAINER_FILE, find_latest, load_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -42,17 +38,6 @@ def small_synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("small_synth")
     synthesize(out, 10, seed=0, image_size=32, n_val=1, n_test=1, captions_per_image=1)
     return out
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A teacher a little wider and deeper than test_tiny, saved as a dlip model."""
-    data = get_config("test_tiny").to_dict()
-    data["vision"].update(width=64, depth=3, num_heads=4)
-    data["text"].update(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128)
-    torch.manual_seed(1)
-    teacher = dlip.BLIP(ModelConfig.from_dict(data))
-    return dlip.save(teacher, tmp_path_factory.mktemp("teacher") / "model")
 
 
 def overrides(synth: Path, run_dir: Path, steps: int, **extra: object) -> list[str]:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -152,19 +153,33 @@ def _check_keys(cls: type, data: Any, source: str) -> None:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
 
 
-def _type_ok(tp: Any, value: Any) -> bool:
-    origin = typing.get_origin(tp)
+def type_ok(tp: Any, value: Any) -> bool:
+    """`value` is of the annotated type `tp`: exact (a bool is not an int, "768" is not an
+    int), ints accepted for floats; unions, Literal, tuples (fixed or variadic), lists /
+    Sequences, dicts / Mappings, None and Any. Shared by model and run configs."""
+    if tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(arg, value) for arg in typing.get_args(tp))
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        return (
-            isinstance(value, (tuple, list))
-            and len(value) == len(args)
-            and all(_type_ok(a, x) for a, x in zip(args, value, strict=True))
+        return any(type_ok(a, value) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin in (dict, Mapping):
+        return isinstance(value, Mapping) and all(
+            type_ok(args[0], k) and type_ok(args[1], v) for k, v in value.items()
         )
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(type_ok(args[0], x) for x in value)
+        return len(value) == len(args) and all(
+            type_ok(a, x) for a, x in zip(args, value, strict=True)
+        )
+    if origin in (list, Sequence):
+        return isinstance(value, (list, tuple)) and all(type_ok(args[0], x) for x in value)
+    if tp is type(None):
+        return value is None
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
@@ -179,7 +194,7 @@ def _check_fields(obj: Any, section: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if not _type_ok(hints[f.name], value):
+        if not type_ok(hints[f.name], value):
             raise ConfigError(f"{section}.{f.name}={value!r} is not of type {hints[f.name]}")
 
 

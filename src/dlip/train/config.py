@@ -30,6 +30,7 @@ from typing import Any, Literal
 import yaml
 
 from dlip.config import ConfigError, ModelConfig
+from dlip.config import type_ok as _type_ok
 from dlip.losses.adapters import KD_TERMS, KDConfig
 
 # Command-line shortcuts (issue 4's command forms) -> full dotted keys.
@@ -435,40 +436,6 @@ def _coerce(tp: Any, value: Any) -> Any:
 
 def _is_mapping(tp: Any) -> bool:
     return typing.get_origin(tp) in (dict, Mapping)
-
-
-def _type_ok(tp: Any, value: Any) -> bool:
-    """As dlip.config's check, plus dict / Mapping / Sequence / variadic tuple and Any."""
-    if tp is Any:
-        return True
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(a, value) for a in args)
-    if origin is Literal:
-        return value in args
-    if origin in (dict, Mapping):
-        return isinstance(value, Mapping) and all(
-            _type_ok(args[0], k) and _type_ok(args[1], v) for k, v in value.items()
-        )
-    if origin is tuple:
-        if not isinstance(value, tuple):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_type_ok(args[0], x) for x in value)
-        return len(value) == len(args) and all(
-            _type_ok(a, x) for a, x in zip(args, value, strict=True)
-        )
-    if origin in (list, Sequence):
-        return isinstance(value, (list, tuple)) and all(_type_ok(args[0], x) for x in value)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
 
 
 def _describe(tp: Any) -> str:

@@ -1,0 +1,21 @@
+"""Fixtures shared by several test files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dlip
+from dlip.config import ModelConfig
+from dlip.models.presets import get_config
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A teacher a little wider and deeper than test_tiny, saved as a dlip model."""
+    data = get_config("test_tiny").to_dict()
+    data["vision"].update(width=64, depth=3, num_heads=4)
+    data["text"].update(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128)
+    torch.manual_seed(1)
+    teacher = dlip.BLIP(ModelConfig.from_dict(data))
+    return dlip.save(teacher, tmp_path_factory.mktemp("teacher") / "model")
