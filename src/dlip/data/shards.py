@@ -34,6 +34,7 @@ from typing import Any
 from PIL import Image
 
 from dlip.data.common import BadSample, SkipCounts, check_caption, decode_image, read_manifest
+from dlip.fileio import atomic_write_text
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "dlip-shards/1"
@@ -213,10 +214,7 @@ def _index_text(index: dict[str, Any]) -> str:
 
 
 def _write_index(out_dir: Path, index: dict[str, Any]) -> None:
-    path = out_dir / INDEX_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_index_text(index), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(out_dir / INDEX_NAME, _index_text(index))
 
 
 def _fresh_index(manifest: Path, params: dict[str, Any]) -> dict[str, Any]:

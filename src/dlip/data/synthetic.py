@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dlip.data.common import write_manifest
+from dlip.fileio import atomic_write_text
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 # Saturated, mutually distant RGB values; none is grey, so none blends into the background.
@@ -412,12 +413,6 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _save_image(image: Image.Image, path: Path) -> None:
     if path.suffix == ".jpg":  # 4:4:4 keeps the flat colours of small shapes intact
         image.save(path, format="JPEG", quality=95, subsampling=0)
@@ -490,8 +485,8 @@ def _write_annotations(
         ("val.json", evals["val"]),
         ("test.json", evals["test"]),
     ):
-        _atomic_write(out_dir / name, json.dumps(anns, ensure_ascii=False))
-    _atomic_write(out_dir / "scenes.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(out_dir / name, json.dumps(anns, ensure_ascii=False))
+    atomic_write_text(out_dir / "scenes.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     rows = ({**t, "image": str(out_dir / t["image"]), "source": "synth"} for t in train)
     write_manifest(rows, out_dir / "manifest.jsonl")
     return tuple(out_dir / name for name in ANNOTATION_FILES)

@@ -31,6 +31,7 @@ import yaml
 
 from dlip.config import ConfigError, ModelConfig
 from dlip.config import type_ok as _type_ok
+from dlip.fileio import atomic_write_text
 from dlip.losses.adapters import KD_TERMS, KDConfig
 
 # Command-line shortcuts (issue 4's command forms) -> full dotted keys.
@@ -326,12 +327,8 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def save_resolved(config: PretrainConfig, run_dir: str | Path) -> Path:
     """Write `run_dir/config.yaml`: every field, so `load` of it gives back an equal config."""
-    path = Path(run_dir) / RESOLVED_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
-    return path
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return atomic_write_text(Path(run_dir) / RESOLVED_NAME, text)
 
 
 class _Loader(yaml.SafeLoader):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dlip.fileio import atomic_write_text
 from dlip.train.distributed import get_world_size, is_dist, is_main_process
 
 METRICS_FILE = "metrics.jsonl"
@@ -48,9 +48,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
             continue
         if isinstance(record, dict) and record.get("step", math.inf) <= last_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return len(kept)
 
 

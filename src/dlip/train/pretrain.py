@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dlip.fileio import atomic_write_text
 from dlip.losses.adapters import KDAdapters, KDConfig
 from dlip.losses.distill import ITCFeatures, KDInputs, KDMasks, distill_losses, lm_kd_mask
 from dlip.losses.itc import TEMP_MAX, TEMP_MIN, FeatureQueue, clamp_temp, itc_loss
@@ -264,7 +264,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
