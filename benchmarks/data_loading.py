@@ -19,10 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from model_size import machine
 from PIL import Image
 
 import dlip
+from dlip.bench import machine
 from dlip.data.common import decode_image
 from dlip.data.datasets import ManifestDataset
 from dlip.data.loader import batch_size_of, make_loader

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from model_size import machine
 
+from dlip.bench import machine
 from dlip.models.convert import convert_hf
 from dlip.models.generation import generate_ids
 from dlip.tokenizer import get_tokenizer

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from model_size import machine
 
 import dlip
+from dlip.bench import machine
 from dlip.data.karpathy import load_eval_set
 from dlip.losses.itc import itc_loss
 from dlip.losses.itm import itm_loss

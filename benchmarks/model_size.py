@@ -10,41 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 import dlip
-from dlip.bench import model_info
+from dlip.bench import machine, model_info
 
 TEACHER = "blip_base"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict[str, str]:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dlip": dlip.__version__,
-    }
 
 
 def run(sizes: tuple[int, ...] = (224, 384)) -> dict:

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from model_size import machine
 from torch import Tensor
 
 import dlip
+from dlip.bench import machine
 from dlip.tokenizer import Tokenizer
 from dlip.train.config import PretrainConfig, load
 from dlip.train.loop import train_step

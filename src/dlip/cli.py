@@ -7,6 +7,8 @@ dlip convert MODEL_DIR --to hf --out DIR
 dlip demo
 dlip data {build,merge,export-json,shard,synth} ...
 dlip pretrain --config YAML [key=value ...] [--resume latest]
+dlip finetune retrieval|caption --config YAML [key=value ...] [--resume latest]
+dlip eval retrieval|caption --model DIR --data JSON --images ROOT --out DIR
 """
 
 from __future__ import annotations
@@ -145,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func="dlip.train.pretrain:cmd_pretrain")
 
     from dlip.data.cli import add_data_parser
+    from dlip.eval.cli import add_eval_parser
 
     add_data_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

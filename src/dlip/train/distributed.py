@@ -114,3 +114,30 @@ def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
     t = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def setup_device(device: str = "auto") -> torch.device:
+    """This process's device; the default process group too when WORLD_SIZE > 1 (torchrun).
+
+    `device`: "auto" (CUDA when available), "cpu" or "cuda". Backend nccl on CUDA, else gloo.
+    """
+    import datetime
+    import os
+
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
+        backend = "nccl" if want_cuda else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def shard_range(n: int) -> range:
+    """This rank's contiguous block of `range(n)` (blocks differ in size by at most 1)."""
+    world, rank = get_world_size(), get_rank()
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))

@@ -16,8 +16,6 @@ is saved then, so the last good checkpoint stays the latest.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,13 @@ from dlip.train.checkpoint import (
     save_checkpoint,
 )
 from dlip.train.config import PretrainConfig, save_resolved
-from dlip.train.distributed import get_rank, get_world_size, is_dist, is_main_process
+from dlip.train.distributed import (
+    get_rank,
+    get_world_size,
+    is_dist,
+    is_main_process,
+    setup_device,
+)
 from dlip.train.logging import (
     MetricsLogger,
     Throughput,
@@ -209,16 +213,7 @@ def to_inputs(batch: Mapping[str, Any], tokenizer, max_length: int, device) -> d
 # ------------------------------------------------------------------------------------ the run
 def init_distributed(cfg: PretrainConfig) -> torch.device:
     """Process group only when WORLD_SIZE > 1 (torchrun); the device of this process."""
-    want_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
-        dist.init_process_group(
-            "nccl" if want_cuda else "gloo", timeout=datetime.timedelta(minutes=30)
-        )
-    if want_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    return setup_device(cfg.run.device)
 
 
 def run(cfg: PretrainConfig, resume: str | None = None) -> Path:

@@ -1,0 +1,1 @@
+"""Evaluation with the standard protocols: retrieval (ITC + ITM re-rank) and captioning."""

@@ -1,0 +1,53 @@
+"""`dlip eval retrieval|caption`: argument parsing only (the work is in retrieval.py and
+captioning.py, imported when the command runs, so `dlip --help` stays light).
+
+    dlip eval retrieval --model DIR --data KARPATHY_TEST.json --images ROOT --out DIR [--k K]
+    dlip eval caption   --model DIR --data KARPATHY_TEST.json --images ROOT --out DIR
+    torchrun --nproc_per_node=N -m dlip eval retrieval ...   (rows sharded across ranks)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="saved model directory or preset name")
+    p.add_argument("--data", required=True, help="Karpathy-format val/test json")
+    p.add_argument("--images", required=True, help="image root the json's paths are under")
+    p.add_argument("--out", required=True, help="output directory (results.json, results.md)")
+    p.add_argument("--batch-size", type=int, default=64, help="images / texts per forward")
+    p.add_argument("--image-size", type=int, default=None, help="evaluate at this resolution")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--dataset", default=None, help="dataset name for results.json / ids")
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate retrieval (recall@k) or captioning (COCO metrics)")
+    tasks = p.add_subparsers(dest="task", required=True)
+
+    r = tasks.add_parser(
+        "retrieval",
+        help="ITC top-k then ITM re-rank; recall@1/5/10 both ways",
+        description="BLIP's protocol: ITC similarity for every image-text pair, each query's "
+        "top-k candidates re-scored by ITM (positive logit + ITC similarity).",
+    )
+    _common(r)
+    r.add_argument("--k", type=int, default=256, help="candidates re-ranked per query (BLIP: 256)")
+    r.add_argument("--itm-batch", type=int, default=128, help="image-text pairs per ITM forward")
+    r.add_argument("--max-words", type=int, default=30, help="pre_caption word limit")
+    r.set_defaults(func="dlip.eval.retrieval:cmd_eval_retrieval")
+
+    c = tasks.add_parser(
+        "caption",
+        help="beam search captions scored with pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr)",
+    )
+    _common(c)
+    c.add_argument("--prompt", default="a picture of ", help="generation prompt (BLIP's)")
+    c.add_argument("--num-beams", type=int, default=3)
+    c.add_argument("--max-length", type=int, default=20, help="tokens, prompt included")
+    c.add_argument("--min-length", type=int, default=5, help="tokens, prompt included")
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jar)")
+    c.set_defaults(func="dlip.eval.captioning:cmd_eval_caption")
