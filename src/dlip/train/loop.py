@@ -129,7 +129,8 @@ def train_step(
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    clamp_temp_(task.student.temp)
+    if task.use_itc:  # a captioning-only student has no temperature
+        clamp_temp_(task.student.temp)
     if task.student_m is not None:
         momentum_update(task.student, task.student_m, cfg.loss.momentum)
     metrics["lr"] = lr

@@ -43,7 +43,12 @@ from dlip.losses.lm import lm_loss
 from dlip.models.blip import BLIP
 from dlip.tokenizer import Tokenizer
 from dlip.train.config import PretrainConfig
-from dlip.train.distributed import all_gather_no_grad, all_gather_with_grad, is_dist
+from dlip.train.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    get_world_size,
+    is_dist,
+)
 
 # KD terms -> the teacher passes they read (the image pass always runs).
 _TEXT_TERMS = {"kd_itc", "kd_rep_text", "kd_hidden_text", "kd_attn_text"}
@@ -53,7 +58,12 @@ _DECODER_TERMS = {"kd_lm", "kd_rep_decoder", "kd_hidden_decoder", "kd_attn_decod
 
 class PretrainTask(nn.Module):
     """Student + KD adapters (+ momentum encoder and queue): the module DDP wraps and the
-    optimizer and checkpoints see. The teacher is attached but not registered."""
+    optimizer and checkpoints see. The teacher is attached but not registered.
+
+    The same task serves finetuning: `objectives` picks what runs ("itc", "itm", "lm"; pretraining
+    runs all three), a batch's `image_idx` makes captions of one image positives of each other
+    (retrieval), and `prompt_length` keeps the prompt out of the LM targets (captioning).
+    """
 
     def __init__(
         self,
@@ -61,18 +71,26 @@ class PretrainTask(nn.Module):
         student: BLIP,
         teacher: BLIP | None = None,
         adapters: KDAdapters | None = None,
+        objectives: Sequence[str] = ("itc", "itm", "lm"),
+        prompt_length: int = 0,
     ) -> None:
         super().__init__()
-        for need in ("has_encoder", "has_decoder"):
-            if not getattr(student.config, need):
-                raise ValueError(f"pretraining needs a student with {need}=True (ITC, ITM and LM)")
         self.kd: KDConfig = cfg.kd_config() if teacher is not None else KDConfig()
+        enabled = set(self.kd.enabled)
+        self.use_itm = "itm" in objectives or bool(enabled & _FUSION_TERMS)
+        self.use_itc = "itc" in objectives or self.use_itm or bool(enabled & _TEXT_TERMS)
+        self.use_lm = "lm" in objectives or bool(enabled & _DECODER_TERMS)
+        if self.use_itc and not student.config.has_encoder:
+            raise ValueError("ITC/ITM (or their KD terms) need a student with has_encoder=True")
+        if self.use_lm and not student.config.has_decoder:
+            raise ValueError("the LM loss (or a decoder KD term) needs a student with has_decoder")
+        self.prompt_length = prompt_length
         self.itm_all_ranks = cfg.loss.itm_all_ranks
         self.student = student
         self.adapters = adapters if adapters is not None else KDAdapters()
         self.student_m: BLIP | None = None
         self.queue: FeatureQueue | None = None
-        if cfg.loss.momentum_distill:  # BLIP's momentum encoder: the student's only
+        if cfg.loss.momentum_distill and self.use_itc:  # BLIP's momentum encoder: the student's
             self.student_m = copy.deepcopy(student).requires_grad_(False)
             self.queue = FeatureQueue(student.config.embed_dim, cfg.loss.queue_size)
         # Not a submodule: out of parameters(), state_dict(), DDP and the optimizer.
@@ -87,56 +105,84 @@ class PretrainTask(nn.Module):
         return self
 
     def forward(self, batch: Mapping[str, Tensor], alpha: float = 0.0) -> dict[str, Tensor]:
-        """batch: image (B, 3, S, S), input_ids / attention_mask (B, T) ([CLS] first).
-        Returns the unweighted terms: loss_itc, loss_itm, loss_lm and every enabled kd_*."""
+        """batch: image (B, 3, S, S), input_ids / attention_mask (B, T) ([CLS] first), and
+        optionally image_idx (B,). Returns the unweighted terms: loss_itc, loss_itm, loss_lm
+        (those the task runs) and every enabled kd_*."""
         pixels, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
         s, a = self.student, self.adapters
         image = s.encode_image(pixels, taps=a.taps("image", "student"))
-        text = s.encode_text(ids, mask, taps=a.taps("text", "student"))
+        student = KDInputs(image=image)
+        seen: dict[str, Any] = {}  # the student's fusion / decoder outputs, kept for KD
+        terms: dict[str, Tensor] = {}
+        itm = None
+        if self.use_itc:
+            terms_c, itm = self._contrastive(batch, image, student, seen, alpha)
+            terms.update(terms_c)
+        if self.use_lm:
 
+            def lm_fn(img: Tensor, dec_ids: Tensor, dec_mask: Tensor) -> Tensor:
+                out = s.decode(img, dec_ids, dec_mask, taps=a.taps("decoder", "student"))
+                seen["decoder"], seen["lm_logits"] = out, s.text_decoder.cls(out.tokens)
+                return seen["lm_logits"]  # (B, T, V)
+
+            lm = lm_loss(lm_fn, image.tokens, ids, mask, prompt_length=self.prompt_length)
+            lm_weight = _token_share(lm.mask)  # DDP averages ranks; the LM averages tokens
+            terms["loss_lm"] = lm.loss * lm_weight
+            student.decoder, student.lm_logits = seen["decoder"], seen["lm_logits"]
+        if self.teacher is None or not self.kd.enabled:
+            return terms
+        neg = (itm.neg_image_idx, itm.neg_text_idx) if itm is not None else (None, None)
+        teacher = self._teacher_inputs(pixels, ids, mask, *neg)
+        lm_mask = lm_kd_mask(mask, self.prompt_length)
+        masks = KDMasks(text=mask, fusion=seen.get("fusion_mask"), decoder=mask, lm=lm_mask)
+        kd = distill_losses(student, teacher, a, self.kd, masks)
+        if "kd_lm" in kd:  # a token mean like loss_lm: the same cross-rank weighting
+            kd["kd_lm"] = kd["kd_lm"] * _token_share(lm_mask)
+        terms.update(kd)
+        return terms
+
+    def _contrastive(
+        self,
+        batch: Mapping[str, Tensor],
+        image: Any,
+        student: KDInputs,
+        seen: dict[str, Any],
+        alpha: float,
+    ) -> tuple[dict[str, Tensor], Any]:
+        """ITC (+ momentum queue) and ITM with hard negatives; fills `student`'s text/fusion."""
+        pixels, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        image_idx = batch.get("image_idx")  # (B,) same image -> positives, never negatives
+        s, a = self.student, self.adapters
+        text = s.encode_text(ids, mask, taps=a.taps("text", "student"))
         feat_m: dict[str, Tensor] = {}
         if self.student_m is not None:
             with torch.no_grad():
                 feat_m["image_feat_m"] = self.student_m.encode_image(pixels).feat
                 feat_m["text_feat_m"] = self.student_m.encode_text(ids, mask).feat
-        itc = itc_loss(image.feat, text.feat, s.temp, queue=self.queue, alpha=alpha, **feat_m)
+        itc = itc_loss(
+            image.feat, text.feat, s.temp, queue=self.queue, alpha=alpha, image_idx=image_idx,
+            **feat_m,
+        )  # fmt: skip
         if self.queue is not None:  # after the loss: a batch never scores against itself
-            self.queue.enqueue(feat_m["image_feat_m"], feat_m["text_feat_m"])
-
-        seen: dict[str, Any] = {}  # the student's fusion / decoder outputs, kept for KD
+            self.queue.enqueue(feat_m["image_feat_m"], feat_m["text_feat_m"], image_idx)
+        student.text = text
+        student.itc = _itc_features(image.feat, text.feat, clamp_temp(s.temp), with_grad=True)
+        terms = dict(itc.terms)
+        if not self.use_itm:
+            return terms, None
 
         def itm_fn(img: Tensor, enc_ids: Tensor, enc_mask: Tensor) -> Tensor:
             out = s.multimodal(img, enc_ids, enc_mask, taps=a.taps("fusion", "student"))
             seen["fusion"], seen["fusion_mask"] = out, enc_mask
             return s.itm_head(out.tokens[:, 0])  # (3B, 2)
 
-        def lm_fn(img: Tensor, dec_ids: Tensor, dec_mask: Tensor) -> Tensor:
-            out = s.decode(img, dec_ids, dec_mask, taps=a.taps("decoder", "student"))
-            seen["decoder"], seen["lm_logits"] = out, s.text_decoder.cls(out.tokens)
-            return seen["lm_logits"]  # (B, T, V)
-
         itm = itm_loss(
             itm_fn, image.tokens, ids, mask, itc.sim_i2t, itc.sim_t2i,
-            offset=itc.offset, across_ranks=self.itm_all_ranks,
+            offset=itc.offset, image_idx=image_idx, across_ranks=self.itm_all_ranks,
         )  # fmt: skip
-        lm = lm_loss(lm_fn, image.tokens, ids, mask)
-        terms = {**itc.terms, **itm.terms, **lm.terms}
-        if self.teacher is None or not self.kd.enabled:
-            return terms
-
-        student = KDInputs(
-            image=image,
-            text=text,
-            fusion=seen["fusion"],
-            decoder=seen["decoder"],
-            itc=_itc_features(image.feat, text.feat, clamp_temp(s.temp), with_grad=True),
-            itm_logits=itm.logits,
-            lm_logits=seen["lm_logits"],
-        )
-        teacher = self._teacher_inputs(pixels, ids, mask, itm.neg_image_idx, itm.neg_text_idx)
-        masks = KDMasks(text=mask, fusion=seen["fusion_mask"], decoder=mask, lm=lm_kd_mask(mask))
-        terms.update(distill_losses(student, teacher, a, self.kd, masks))
-        return terms
+        student.fusion, student.itm_logits = seen["fusion"], itm.logits
+        terms.update(itm.terms)
+        return terms, itm
 
     @torch.no_grad()
     def _teacher_inputs(
@@ -170,6 +216,20 @@ class PretrainTask(nn.Module):
         return out
 
 
+def _token_share(counted: Tensor) -> Tensor:
+    """world * (this rank's counted tokens) / (all ranks' counted tokens); 1 in one process.
+
+    A token-mean loss times this share, averaged over ranks by DDP, is the mean over every
+    token of the global batch (not the mean of per-rank means, which weighs a rank's tokens
+    by how few it has)."""
+    if not is_dist():
+        return torch.ones((), device=counted.device)
+    local = counted.sum().float().reshape(1)
+    total = local.clone()
+    torch.distributed.all_reduce(total)
+    return local[0] * get_world_size() / total[0].clamp(min=1)
+
+
 def _itc_features(image: Tensor, text: Tensor, temp: Tensor, with_grad: bool) -> ITCFeatures:
     """ITC features; under DDP also gathered from every rank (keys of the affinity KD)."""
     if not is_dist():
@@ -197,10 +257,9 @@ def load_teacher(cfg: PretrainConfig) -> BLIP | None:
 def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask:
     """Student (+ adapters for `teacher`) as one PretrainTask; every check that can fail before
     step 1 (vocab mismatch, layer maps, missing towers) fails here."""
+    from dlip.models.init import apply_init
     from dlip.models.presets import create_model
 
-    if cfg.model.init != "random":
-        raise ValueError(f"model.init={cfg.model.init!r} is not supported by the trainer yet")
     student_config = cfg.model_config()
     adapters = None
     if teacher is not None:
@@ -212,6 +271,7 @@ def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask
             )
         adapters = KDAdapters.build(cfg.kd_config(), student_config, teacher.config)
     student = create_model(student_config)
+    apply_init(student, cfg.model.init, teacher)  # before the momentum copy in PretrainTask
     student.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return PretrainTask(cfg, student, teacher, adapters)
 

@@ -1,0 +1,326 @@
+"""Student initialisation for pretraining (`model.init`): random, inherit, or a timm ViT.
+
+- `init_from_timm(student, path)`: a timm / DeiT ViT checkpoint file into the vision tower,
+  strictly (every tower tensor provided, shapes equal); classifier heads are dropped and
+  `pos_embed` is resampled to the student's patch grid.
+- `init_from_teacher(student, teacher)`: every student tensor whose (layer-mapped) teacher
+  tensor has the same shape is copied; the rest keep their random init and are reported.
+
+Layer map for `inherit` (one rule for the vision blocks and the text layers): student layer i of
+Ls takes teacher layer round(i * (Lt - 1) / (Ls - 1)) (half up), so the first and the last
+layers are always kept and the others are evenly spaced between them: 12 -> 6 takes
+0, 2, 4, 7, 9, 11; 4 -> 2 takes 0, 3. Keeping the last layer keeps the copied heads (ITC
+projections, ITM, LM) on the states they were trained on. A one-layer group takes the
+teacher's first layer; a deeper student repeats teacher layers. In the text tower, when
+both models have an int `fusion_layers` (and both or neither have text-only layers),
+text-only layers map among the teacher's text-only layers and fusion layers among its
+fusion layers; otherwise (either is "all") the whole stacks map. The decoder's own
+self-attention follows the same text map.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dlip.config import TextConfig
+from dlip.models.blip import BLIP
+from dlip.models.io import alias_map
+from dlip.models.vision import resize_pos_embed
+
+# Classifier-only tensors of timm / DeiT checkpoints: not part of a feature-extracting tower.
+_HEAD_PREFIXES = ("head.", "head_dist.", "pre_logits.")
+_CONTAINERS = ("model", "state_dict", "module")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+_BLOCK = re.compile(r"^(visual_encoder\.blocks|text_encoder\.encoder\.layer"
+                    r"|text_decoder\.bert\.encoder\.layer)\.(\d+)\.(.+)$")  # fmt: skip
+
+
+@dataclass
+class InitReport:
+    """What an initialisation did: tensors copied (student name, source name), kept random
+    (student name -> reason), source keys ignored, and parameter counts."""
+
+    source: str
+    copied: list[tuple[str, str]] = field(default_factory=list)
+    kept_random: dict[str, str] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    params_copied: int = 0
+    params_random: int = 0
+    note: str = ""  # what the source does not cover (timm: everything but the vision tower)
+
+    def summary(self) -> str:
+        text = (
+            f"copied {len(self.copied)} tensors ({_millions(self.params_copied)} params) from "
+            f"{self.source}; {_millions(self.params_random)} params kept random"
+        )
+        if self.note:
+            text += f" ({self.note})"
+        if self.kept_random:
+            reasons = Counter(why.split(" (")[0] for why in self.kept_random.values())
+            counts = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
+            names = _head(sorted(self.kept_random))
+            text += f" ({len(self.kept_random)} tensors: {counts}): {names}"
+        if self.resized:
+            text += f"; resized {_head(self.resized)}"
+        if self.ignored:
+            text += f"; ignored {_head(self.ignored)}"
+        return text
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _head(names: Sequence[str], keep: int = 4) -> str:
+    shown = ", ".join(names[:keep])
+    return shown + (f", ... (+{len(names) - keep} more)" if len(names) > keep else "")
+
+
+# ------------------------------------------------------------------------------------- timm
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a .safetensors / .pth / .pt / .bin file, unwrapped from common containers
+    ({"model": ...}, {"state_dict": ...}, {"module": ...}) and a DDP `module.` key prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"timm checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    elif path.suffix in _TORCH_SUFFIXES:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle / zip errors have many types; name the file
+            raise ValueError(f"{path}: cannot read it as a torch checkpoint ({err})") from err
+    else:
+        raise ValueError(
+            f"{path}: unknown checkpoint format {path.suffix!r}; give a .safetensors, .pth, "
+            ".pt or .bin file"
+        )
+    return _unwrap(state, path)
+
+
+def _unwrap(state: object, path: Path) -> dict[str, Tensor]:
+    while isinstance(state, Mapping) and not all(isinstance(v, Tensor) for v in state.values()):
+        key = next((k for k in _CONTAINERS if isinstance(state.get(k), Mapping)), None)
+        if key is None:
+            raise ValueError(
+                f"{path}: not a state dict of tensors and none of the container keys "
+                f"{list(_CONTAINERS)} holds one (top-level keys: {sorted(state)[:10]})"
+            )
+        state = state[key]
+    if not isinstance(state, Mapping) or not state:
+        raise ValueError(f"{path}: no tensors found (got {type(state).__name__})")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
+def init_from_timm(student: BLIP, path: str | Path) -> InitReport:
+    """Load a timm / DeiT ViT checkpoint into `student.visual_encoder`, strictly.
+
+    Dropped: `head.*`, `head_dist.*`, `pre_logits.*` (classifier only) and `fc_norm.*` (the
+    pooled-feature norm of avg-pool ViTs; the tower reads the CLS token after `norm`).
+    A distilled DeiT (`dist_token`) or a pos_embed without a CLS position is refused."""
+    state = read_state_dict(path)
+    tower = student.visual_encoder
+    own = tower.state_dict()
+    unused_norm = [k for k in state if k.startswith("fc_norm.") and k not in own]
+    ignored = sorted([k for k in state if k.startswith(_HEAD_PREFIXES)] + unused_norm)
+    state = {k: v for k, v in state.items() if k not in ignored}
+    if "dist_token" in state:
+        raise ValueError(
+            f"{path} is a distilled DeiT (dist_token + head_dist: 2 prefix tokens); the student's "
+            "ViT has only a class token, so the checkpoint cannot be mapped exactly. Use the "
+            "non-distilled DeiT / timm checkpoint (e.g. deit_base_patch16_224)"
+        )
+    resized = _resize_timm_pos(state, tower.cfg.grid, path)
+    _check_strict(own, state, path)
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
+    report = InitReport(source=str(path), ignored=ignored, resized=resized)
+    report.copied = [(f"visual_encoder.{k}", k) for k in sorted(state)]
+    report.params_copied = sum(v.numel() for v in state.values())
+    report.params_random = student.num_params() - report.params_copied
+    report.note = "the text tower and heads"
+    return report
+
+
+def _resize_timm_pos(state: dict[str, Tensor], grid: int, path: str | Path) -> list[str]:
+    pos = state.get("pos_embed")
+    if pos is None:
+        return []
+    n = pos.shape[1]
+    if pos.dim() != 3 or round((n - 1) ** 0.5) ** 2 != n - 1:
+        raise ValueError(
+            f"{path}: pos_embed {tuple(pos.shape)} is not (1, 1 + grid*grid, D); a model "
+            "without a class-token position (no_embed_class, e.g. DeiT III) is not supported"
+        )
+    old = round((n - 1) ** 0.5)
+    if old == grid:
+        return []
+    state["pos_embed"] = resize_pos_embed(pos, grid)
+    return [f"pos_embed {old}x{old} -> {grid}x{grid}"]
+
+
+def _check_strict(own: Mapping[str, Tensor], state: Mapping[str, Tensor], path) -> None:
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs student {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {shapes}")
+    if problems:
+        raise ValueError(
+            f"model.init=timm:{path} does not match the student's vision tower:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+# ---------------------------------------------------------------------------------- inherit
+def spread(ls: int, lt: int) -> list[int]:
+    """Teacher layer per student layer: round(i * (lt-1) / (ls-1)), half up; [0] for ls == 1."""
+    if ls <= 1:
+        return [0] * ls
+    return [(2 * i * (lt - 1) + (ls - 1)) // (2 * (ls - 1)) for i in range(ls)]
+
+
+def text_layer_map(student: TextConfig, teacher: TextConfig) -> list[int]:
+    """Teacher text layer per student text layer, respecting the fusion topology."""
+    s_to, t_to = student.text_only_layers, teacher.text_only_layers
+    grouped = (
+        student.fusion_layers != "all"
+        and teacher.fusion_layers != "all"
+        and (s_to == 0) == (t_to == 0)
+    )
+    if not grouped:
+        return spread(student.num_layers, teacher.num_layers)
+    fusion = spread(student.num_layers - s_to, teacher.num_layers - t_to)
+    return spread(s_to, t_to) + [t_to + j for j in fusion]
+
+
+def resolve_layer_maps(
+    student: BLIP, teacher: BLIP, layer_map: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, list[int]]:
+    """{"vision": [...], "text": [...]}: the default rule, or explicit teacher layers per
+    student layer (one per student layer, each in range) for either key."""
+    s, t = student.config, teacher.config
+    maps = {
+        "vision": spread(s.vision.depth, t.vision.depth),
+        "text": text_layer_map(s.text, t.text),
+    }
+    depths = {
+        "vision": (s.vision.depth, t.vision.depth),
+        "text": (s.text.num_layers, t.text.num_layers),
+    }
+    for key, spec in (layer_map or {}).items():
+        if key not in maps:
+            raise ValueError(f"init layer map: unknown key {key!r}; use 'vision' or 'text'")
+        ls, lt = depths[key]
+        spec = list(spec)
+        if len(spec) != ls or not all(isinstance(j, int) and 0 <= j < lt for j in spec):
+            raise ValueError(
+                f"init layer map '{key}' = {spec!r}: give {ls} teacher layers (one per student "
+                f"layer), each in 0..{lt - 1}"
+            )
+        maps[key] = spec
+    return maps
+
+
+def _teacher_name(name: str, maps: Mapping[str, list[int]]) -> str:
+    """The teacher tensor a student tensor inherits from: same name, layer index mapped."""
+    m = _BLOCK.match(name)
+    if m is None:
+        return name
+    prefix, layer, rest = m.groups()
+    mapped = maps["vision" if prefix.startswith("visual") else "text"][int(layer)]
+    return f"{prefix}.{mapped}.{rest}"
+
+
+def init_from_teacher(
+    student: BLIP, teacher: BLIP, layer_map: Mapping[str, Sequence[int]] | None = None
+) -> InitReport:
+    """Copy every teacher tensor whose shape fits (see the module docstring for the layer
+    map); pos_embed is resampled when only the patch grid differs. Tensors without a
+    same-shaped source keep their random init and are listed. Raises ValueError when no
+    tensor of 2+ dims (weight matrix, embedding, token) could be copied."""
+    maps = resolve_layer_maps(student, teacher, layer_map)
+    source = teacher.state_dict()  # every alias: an untied student reads the teacher's tied names
+    own = student.state_dict()
+    report = InitReport(source=f"the teacher ({teacher.config.name})")
+    plan: dict[str, Tensor] = {}  # student name -> value; copied only once all checks pass
+    for name, canon in alias_map(student).items():
+        if name != canon:
+            continue  # tied: copied once under its canonical name
+        target, src_name = own[name], _teacher_name(name, maps)
+        value = source.get(src_name)
+        if value is not None and name == "visual_encoder.pos_embed":
+            value = _fit_pos_embed(value, target, report)
+        if value is None or value.shape != target.shape:
+            why = "not in the teacher" if value is None else "shape differs"
+            report.kept_random[name] = f"{why} ({src_name})"
+            report.params_random += target.numel()
+        else:
+            plan[name] = value
+            report.copied.append((name, src_name))
+            report.params_copied += target.numel()
+    # Width-independent tensors (temp, itm_head.bias, the LM bias, projection biases) fit any
+    # pair of models; inheritance means at least one weight matrix / embedding / token fits.
+    if not any(v.dim() >= 2 for v in plan.values()):
+        s, t = student.config, teacher.config
+        raise ValueError(
+            "model.init=inherit: no student weight matrix has a same-shaped teacher tensor "
+            f"(student '{s.name}' vision width {s.vision.width}, text width "
+            f"{s.text.hidden_size}; teacher '{t.name}' {t.vision.width}, {t.text.hidden_size}); "
+            "inheriting is impossible, use model.init=random"
+        )
+    with torch.no_grad():
+        for name, value in plan.items():
+            own[name].copy_(value)
+    return report
+
+
+def _fit_pos_embed(value: Tensor, target: Tensor, report: InitReport) -> Tensor:
+    """Teacher pos_embed (1, 1+g*g, D) resampled to the student's grid when only g differs."""
+    if value.shape == target.shape or value.shape[-1] != target.shape[-1]:
+        return value
+    grid = round((target.shape[1] - 1) ** 0.5)
+    old = round((value.shape[1] - 1) ** 0.5)
+    report.resized.append(f"visual_encoder.pos_embed {old}x{old} -> {grid}x{grid}")
+    return resize_pos_embed(value, grid)
+
+
+# ---------------------------------------------------------------------------------- dispatch
+def apply_init(student: BLIP, init: str, teacher: BLIP | None = None) -> InitReport | None:
+    """`model.init` for the trainer: "random" (nothing to do), "inherit" or "timm:PATH".
+    Prints a one-line summary on rank 0."""
+    if init == "random":
+        return None
+    if init == "inherit":
+        if teacher is None:
+            raise ValueError("model.init=inherit needs a teacher (set teacher.checkpoint=DIR)")
+        report = init_from_teacher(student, teacher)
+    elif init.startswith("timm:") and init != "timm:":
+        report = init_from_timm(student, init.removeprefix("timm:"))
+    else:
+        raise ValueError(f"model.init={init!r}: use 'random', 'inherit' or 'timm:PATH'")
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"model.init={init}: {report.summary()}", flush=True)
+    return report
