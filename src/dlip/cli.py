@@ -93,6 +93,14 @@ def _row(key: str, value: int, ref: int | None, scale: float, unit: str) -> str:
     return row
 
 
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", choices=["retrieval", "caption"])
+    parser.add_argument("--config", default=None, help="run yaml (differences from defaults)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. model.checkpoint=DIR")
+    parser.add_argument("--resume", choices=["latest"], default=None, help="continue the run")
+    parser.add_argument("--no-test", action="store_true", help="skip the final data.test eval")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlip", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. run_dir=DIR max_steps=N")
     p.add_argument("--resume", choices=["latest"], default=None, help="continue run_dir's run")
     p.set_defaults(func="dlip.train.pretrain:cmd_pretrain")
+
+    p = sub.add_parser("finetune", help="finetune for retrieval or captioning (torchrun too)")
+    add_finetune_arguments(p)
+    p.set_defaults(func="dlip.train.finetune:cmd_finetune")
 
     from dlip.data.cli import add_data_parser
     from dlip.eval.cli import add_eval_parser

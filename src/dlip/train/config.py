@@ -171,8 +171,9 @@ class OptimSection:
     warmup_lr: float = 1e-6  # linear warmup starts here
     warmup_steps: int = 3000  # optimizer steps
     weight_decay: float = 0.05
-    # "cosine": lr -> min_lr over the run; "step": BLIP's max(min_lr, lr * decay_rate**epoch)
-    schedule: Literal["cosine", "step"] = "step"
+    # "cosine": lr -> min_lr over the run; "cosine_epoch": BLIP finetuning's cosine by epoch;
+    # "step": BLIP's max(min_lr, lr * decay_rate**epoch)
+    schedule: Literal["cosine", "cosine_epoch", "step"] = "step"
     decay_rate: float = 0.9  # "step" only
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -288,9 +289,13 @@ class PretrainConfig:
 
 # ------------------------------------------------------------------------------ load and save
 def load(
-    path: str | Path | None = None, overrides: Sequence[str] = (), validate: bool = True
-) -> PretrainConfig:
-    """Defaults <- yaml at `path` (if any) <- `key=value` overrides, then `validate()`."""
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    validate: bool = True,
+    cls: type = PretrainConfig,
+) -> Any:
+    """Defaults <- yaml at `path` (if any) <- `key=value` overrides, then `validate()`.
+    `cls`: the config dataclass (PretrainConfig, or dlip.train.finetune_config.FinetuneConfig)."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -304,11 +309,11 @@ def load(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(loaded).__name__}")
         data = loaded or {}
-    merged = _merge(PretrainConfig, _plain(dataclasses.asdict(PretrainConfig())), data, "", source)
+    merged = _merge(cls, _plain(dataclasses.asdict(cls())), data, "", source)
     for item in overrides:
         key, value = parse_override(item)
-        merged = _merge(PretrainConfig, merged, _nest(key, value), "", f"override {item!r}")
-    config = _build(PretrainConfig, merged, "")
+        merged = _merge(cls, merged, _nest(key, value), "", f"override {item!r}")
+    config = _build(cls, merged, "")
     return config.validate() if validate else config
 
 
@@ -325,9 +330,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     return ALIASES.get(key, key), value
 
 
-def save_resolved(config: PretrainConfig, run_dir: str | Path) -> Path:
+def save_resolved(config: Any, run_dir: str | Path) -> Path:
     """Write `run_dir/config.yaml`: every field, so `load` of it gives back an equal config."""
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    text = yaml.safe_dump(_plain(dataclasses.asdict(config)), sort_keys=False)
     return atomic_write_text(Path(run_dir) / RESOLVED_NAME, text)
 
 

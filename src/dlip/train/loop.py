@@ -16,7 +16,8 @@ is saved then, so the last good checkpoint stays the latest.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,13 +203,28 @@ def build_loader(cfg: PretrainConfig, image_config) -> DataLoader:
 
 
 def to_inputs(batch: Mapping[str, Any], tokenizer, max_length: int, device) -> dict[str, Tensor]:
-    """A collated batch -> the task's inputs (captions tokenized here, never in forward)."""
+    """A collated batch -> the task's inputs (captions tokenized here, never in forward);
+    `image_idx` (retrieval finetuning) is passed through."""
     tok = tokenizer(batch["caption"], max_length=max_length, padding="longest")
-    return {
+    out = {
         "image": batch["image"].to(device, non_blocking=True),
         "input_ids": tok["input_ids"].to(device),
         "attention_mask": tok["attention_mask"].to(device),
     }
+    if "image_idx" in batch:
+        out["image_idx"] = torch.as_tensor(batch["image_idx"]).to(device)
+    return out
+
+
+@dataclass
+class Job:
+    """What a kind of run plugs into `run`: pretraining by default, finetuning in
+    dlip.train.finetune. `validate(task, epoch)` runs on every rank and returns metrics with a
+    `score` (higher is better) on rank 0; the best score's student is saved to run_dir/best."""
+
+    build_task: Callable[[Any, Any], PretrainTask] = build_task
+    build_loader: Callable[[Any, Any], DataLoader] = build_loader
+    validate: Callable[[PretrainTask, int], dict[str, float] | None] | None = None
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -217,20 +233,22 @@ def init_distributed(cfg: PretrainConfig) -> torch.device:
     return setup_device(cfg.run.device)
 
 
-def run(cfg: PretrainConfig, resume: str | None = None) -> Path:
-    """Train as `cfg` says; returns `run_dir/final`. Errors in the setup come before step 1."""
+def run(cfg: Any, resume: str | None = None, job: Job | None = None) -> Path:
+    """Train as `cfg` says (a PretrainConfig, or a FinetuneConfig with its `job`); returns
+    `run_dir/final`. Errors in the setup come before step 1."""
+    job = job or Job()
     if cfg.run.compile:
         raise ValueError("run.compile is not supported by the trainer yet")
     teacher = load_teacher(cfg)  # missing path: FileNotFoundError, before anything is built
     device = init_distributed(cfg)
     run_dir = Path(cfg.run.run_dir)
     seed_everything(cfg.run.seed + get_rank())
-    task = build_task(cfg, teacher)  # vocab mismatch / layer map out of range: ValueError
+    task = job.build_task(cfg, teacher)  # vocab mismatch / layer map out of range: ValueError
     task.to(device).train()
     if teacher is not None:
         bf16 = device.type == "cuda" and cfg.teacher.bf16
         teacher.to(device, torch.bfloat16 if bf16 else torch.float32)
-    loader = build_loader(cfg, task.student.config)
+    loader = job.build_loader(cfg, task.student.config)
     steps_per_epoch = len(loader) // cfg.optim.accum_steps
     if steps_per_epoch < 1:
         raise ValueError(
@@ -242,6 +260,7 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> Path:
     optimizer = build_optimizer(task, o.lr, o.weight_decay, tuple(o.betas), o.eps)
 
     step, epoch, consumed, rng = 0, 0, 0, None
+    best: dict[str, Any] = {"score": None, "validated_step": -1}
     if resume == "latest":
         latest = find_latest(run_dir)
         if latest is None:
@@ -252,6 +271,7 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> Path:
         load_strict(task, model_state, str(latest))
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, consumed, rng = state["step"], state["epoch"], state["consumed"], state["rng"]
+        best = state.get("best", best)
     if is_main_process():
         save_resolved(cfg, run_dir)
         write_json(run_dir / "teacher.json", teacher_identity(cfg, teacher))
@@ -289,11 +309,15 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> Path:
                 bar.update(1)
                 bar.set_postfix(progress_postfix(metrics["loss"], speed, total_steps - step))
                 if step % cfg.run.ckpt_every == 0 or step == total_steps:
-                    _save(run_dir, cfg, task, optimizer, step, epoch, consumed, teacher)
+                    _save(run_dir, cfg, task, optimizer, step, epoch, consumed, teacher, best)
                 if step >= total_steps:
                     break
             else:
                 epoch, consumed = epoch + 1, 0
+                if job.validate is not None and epoch % cfg.eval.every_epochs == 0:
+                    _validate(job, task, run_dir, step, epoch, best, logger)
+        if job.validate is not None and best["validated_step"] != step:
+            _validate(job, task, run_dir, step, epoch, best, logger)  # the run's last state
     finally:
         bar.close()
         logger.close()
@@ -307,8 +331,30 @@ def run(cfg: PretrainConfig, resume: str | None = None) -> Path:
     return final
 
 
-def _save(run_dir, cfg, task, optimizer, step, epoch, consumed, teacher) -> Path:
+def _validate(job, task, run_dir, step, epoch, best, logger) -> None:
+    """Validate (every rank), log `val_*` (rank 0), keep the best student in run_dir/best."""
+    from dlip.models.io import save
+
+    task.eval()
+    try:
+        metrics = job.validate(task, epoch)
+    finally:
+        task.train()
+    best["validated_step"] = step
+    if is_main_process() and metrics is not None:
+        score = float(metrics["score"])
+        logger.log(step, {f"val_{k}": v for k, v in metrics.items()} | {"epoch": epoch})
+        if best["score"] is None or score > best["score"]:
+            best.update(score=score, step=step, epoch=epoch, metrics=dict(metrics))
+            save(task.student, run_dir / "best")
+            write_json(run_dir / "best.json", best)
+    if is_dist():
+        dist.barrier()
+
+
+def _save(run_dir, cfg, task, optimizer, step, epoch, consumed, teacher, best=None) -> Path:
     state = {
+        "best": best,
         "model": task,
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,

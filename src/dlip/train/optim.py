@@ -111,6 +111,9 @@ def lr_at(
 
     - `"cosine"`: after warmup, cosine from `base_lr` down to `min_lr` at `total_steps`, then
       `min_lr`.
+    - `"cosine_epoch"` (BLIP finetuning): constant within an epoch,
+      `min_lr + 0.5 * (base_lr - min_lr) * (1 + cos(pi * epoch / epochs))` with
+      epochs = ceil(total_steps / steps_per_epoch); warmup as above.
     - `"step"` (BLIP pretraining): epoch = step // steps_per_epoch; the warmup happens only
       within epoch 0 (a warmup longer than an epoch is cut at the epoch boundary, as in BLIP);
       otherwise `max(min_lr, base_lr * decay_rate**epoch)`.
@@ -125,6 +128,14 @@ def lr_at(
         span = total_steps - warmup_steps
         progress = 1.0 if span <= 0 else min(1.0, (step - warmup_steps) / span)
         return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    if schedule == "cosine_epoch":
+        if total_steps is None or not steps_per_epoch or steps_per_epoch < 1:
+            raise ValueError("the cosine_epoch schedule needs total_steps and steps_per_epoch")
+        if step < warmup_steps:
+            return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        progress = min(1.0, (step // steps_per_epoch) / epochs)
+        return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
     if schedule == "step":
         if not steps_per_epoch or steps_per_epoch < 1:
             raise ValueError("the step schedule needs steps_per_epoch >= 1")
@@ -132,7 +143,7 @@ def lr_at(
         if epoch == 0 and step < warmup_steps:
             return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
         return max(min_lr, base_lr * decay_rate**epoch)
-    raise ValueError(f"unknown schedule {schedule!r}; expected 'cosine' or 'step'")
+    raise ValueError(f"unknown schedule {schedule!r}; expected 'cosine', 'cosine_epoch' or 'step'")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,0 +1,427 @@
+"""Captioning evaluation (REFERENCE.md section 5.2): beam search over a Karpathy val/test split,
+scored with pycocoevalcap as COCOEvalCap does.
+
+    dlip eval caption --model DIR --data coco_karpathy_test.json --images ROOT --out DIR
+    torchrun --nproc_per_node=N -m dlip eval caption ...   (images sharded across ranks)
+
+Generation starts from the prompt ("a picture of "), lengths count the prompt tokens, and the
+prompt is stripped from the returned text (`BLIP.generate`). Each rank captions its contiguous
+block of images (`shard_range`); rank 0 gathers the (image_id, caption) pairs, de-duplicates
+them and checks that every image got exactly one caption.
+
+Scoring follows COCOEvalCap: PTBTokenizer (Java, CoreNLP 3.4.1) on references and predictions,
+then Bleu(4), Meteor (Java, meteor-1.5), Rouge and Cider over the predicted images only, values
+in pycocoevalcap's scale (fractions; CIDEr ~1.x). SPICE runs only when asked and its CoreNLP
+3.6.0 jars are already in pycocoevalcap's spice/lib (it would download them otherwise and fail
+offline); otherwise results.json records `"SPICE": null` and the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dlip.data.karpathy import EvalSet
+from dlip.models.blip import BLIP
+
+METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+PROMPT = "a picture of "
+CAPTIONS_JSON = "captions.json"
+# SPICE's parser: pycocoevalcap downloads these into spice/lib on first use.
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+JAVA_HINT = (
+    "pycocoevalcap's PTBTokenizer and METEOR need Java ('java' not found on PATH); "
+    "install it, e.g. `apt install default-jre-headless`"
+)
+
+
+class JavaNotFoundError(FileNotFoundError):
+    """No `java` executable: the tokenizer and METEOR cannot run."""
+
+
+# ------------------------------------------------------------------------------------ scoring
+def require_java() -> str:
+    """The java executable pycocoevalcap will start (it calls plain `java`), or a clear error."""
+    java = shutil.which("java")
+    if java is None:
+        raise JavaNotFoundError(JAVA_HINT)
+    return java
+
+
+def _check_inputs(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> None:
+    if not predictions:
+        raise ValueError("no predictions to score (empty predictions dict)")
+    missing = sorted(set(predictions) - set(references), key=str)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} prediction image id(s) have no references, e.g. {missing[:5]} "
+            "(prediction ids must be a subset of the reference ids)"
+        )
+    for image_id, caption in predictions.items():
+        if not isinstance(caption, str):
+            raise ValueError(f"prediction for image {image_id!r} is not a string: {caption!r:.80}")
+        refs = references[image_id]
+        if isinstance(refs, str) or not refs or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"references for image {image_id!r} must be a non-empty list of str")
+
+
+def _tokenize(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(gts, res) PTB-tokenized, lower-cased, punctuation dropped; only the predicted images.
+
+    The tokenizer writes its temp file into its own package folder and removes it (never cwd).
+    """
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    require_java()
+    ids = list(predictions)
+    gts_in = {i: [{"caption": c} for c in references[i]] for i in ids}
+    res_in = {i: [{"caption": predictions[i]}] for i in ids}
+    tokenizer = PTBTokenizer()
+    gts, res = tokenizer.tokenize(gts_in), tokenizer.tokenize(res_in)
+    # The wrapper pairs output lines with ids by position: a lost line would shift everything.
+    for name, got, want in (("references", gts, gts_in), ("predictions", res, res_in)):
+        if any(len(got.get(i, [])) != len(want[i]) for i in ids):
+            raise RuntimeError(f"PTBTokenizer returned the wrong number of {name} lines")
+    return gts, res
+
+
+def close_meteor(meteor: Any) -> None:
+    """Stop METEOR's java process now (pycocoevalcap only does it in `__del__`).
+
+    Its `__del__` still runs later and is then harmless: closing a closed pipe and killing a
+    reaped process are no-ops.
+    """
+    proc = meteor.meteor_p
+    with meteor.lock:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def meteor_scorer() -> Iterator[Any]:
+    """pycocoevalcap's Meteor, its java subprocess closed on exit (also on error)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    require_java()
+    meteor = Meteor()
+    try:
+        yield meteor
+    finally:
+        close_meteor(meteor)
+
+
+def _score_tokenized(gts: dict[str, list[str]], res: dict[str, list[str]]) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    with meteor_scorer() as meteor:
+        meteor_score, _ = meteor.compute_score(gts, res)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    values = [*bleu, meteor_score, rouge, cider]
+    return {name: float(v) for name, v in zip(METRICS, values, strict=True)}
+
+
+def score_captions(
+    predictions: dict[str, str], references: dict[str, list[str]]
+) -> dict[str, float]:
+    """COCO caption metrics of `predictions` {image_id: caption} against `references`
+    {image_id: [captions]}: Bleu_1..4, METEOR, ROUGE_L, CIDEr in pycocoevalcap's scale.
+
+    Only the predicted images are scored (as COCOEvalCap over `loadRes` ids); their ids must be
+    a subset of the reference ids. Needs Java (PTBTokenizer, METEOR).
+    """
+    _check_inputs(predictions, references)
+    return _score_tokenized(*_tokenize(predictions, references))
+
+
+def spice_lib_dir() -> Path:
+    import pycocoevalcap.spice.spice as spice_module
+
+    return Path(spice_module.__file__).resolve().parent / "lib"
+
+
+def spice_skip_reason() -> str | None:
+    """Why SPICE cannot run here (None when its CoreNLP jars and java are present)."""
+    lib = spice_lib_dir()
+    missing = [jar for jar in SPICE_JARS if not (lib / jar).is_file()]
+    if missing:
+        return (
+            f"{', '.join(missing)} not in {lib}: pycocoevalcap would download Stanford CoreNLP "
+            "3.6.0 (fails offline); put the jars there to enable SPICE"
+        )
+    if shutil.which("java") is None:
+        return JAVA_HINT
+    return None
+
+
+def _spice(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float | None, str | None]:
+    """(SPICE, None) or (None, why it failed): a SPICE failure must not lose the other metrics."""
+    from pycocoevalcap.spice.spice import Spice
+
+    try:
+        value, _ = Spice().compute_score(gts, res)
+    except (subprocess.CalledProcessError, OSError, ValueError) as err:
+        return None, f"SPICE failed ({err}); it needs -Xmx8G and breaks on Java 16+"
+    return float(value), None
+
+
+def score_with_spice(
+    predictions: dict[str, str], references: dict[str, list[str]], spice: bool
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """`score_captions` plus SPICE when asked and possible: (metrics, spice record).
+
+    The record is {"requested", "value", "reason"}; metrics gets "SPICE" only when computed.
+    """
+    _check_inputs(predictions, references)
+    gts, res = _tokenize(predictions, references)
+    metrics = _score_tokenized(gts, res)
+    reason = "not requested (--spice)"
+    record: dict[str, Any] = {"requested": spice, "value": None, "reason": reason}
+    if spice:
+        record["reason"] = spice_skip_reason()
+        if record["reason"] is None:
+            record["value"], record["reason"] = _spice(gts, res)
+        if record["value"] is not None:
+            metrics["SPICE"] = record["value"]
+        else:
+            print(f"SPICE skipped: {record['reason']}", flush=True)
+    return metrics, record
+
+
+# --------------------------------------------------------------------------------- generation
+def references_of(eval_set: EvalSet) -> dict[str, list[str]]:
+    """{image_id: raw reference captions} (PTBTokenizer does the normalisation)."""
+    refs: dict[str, list[str]] = {}
+    for image_id, caption_ids in zip(eval_set.image_ids, eval_set.img2txt, strict=True):
+        refs.setdefault(image_id, []).extend(eval_set.captions[t] for t in caption_ids)
+    return refs
+
+
+def _local_captions(
+    model: BLIP, eval_set: EvalSet, gen: dict[str, Any], batch_size: int, device: torch.device,
+    num_workers: int,
+) -> list[tuple[str, str]]:  # fmt: skip
+    """(image_id, caption) for this rank's block of images."""
+    from torch.utils.data import DataLoader, Subset
+
+    from dlip.data.datasets import EvalImageDataset
+    from dlip.train.distributed import shard_range
+    from dlip.transforms import eval_transform
+
+    dataset = EvalImageDataset(eval_set, eval_transform(model.config))
+    shard = Subset(dataset, list(shard_range(len(dataset))))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    pairs: list[tuple[str, str]] = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        for batch in loader:
+            pixels = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
+            pairs.extend(zip(batch["image_id"], model.generate(pixels, **gen), strict=True))
+    return pairs
+
+
+def _gather_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
+    """Every rank's pairs on rank 0 in rank order (None elsewhere); `pairs` in one process."""
+    from dlip.train.distributed import get_rank, get_world_size, is_dist
+
+    if not is_dist():
+        return pairs
+    gathered: list[Any] | None = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(pairs, gathered, dst=0)
+    if gathered is None:
+        return None
+    return [pair for part in gathered for pair in part]
+
+
+def merge_captions(pairs: list[tuple[str, str]], image_ids: Sequence[str]) -> dict[str, str]:
+    """{image_id: caption} in eval-set order: duplicates (padded shards) dropped, and every
+    image must have exactly one caption."""
+    captions: dict[str, str] = {}
+    for image_id, caption in pairs:
+        captions.setdefault(str(image_id), caption)
+    wanted = dict.fromkeys(image_ids)
+    missing = [i for i in wanted if i not in captions]
+    extra = [i for i in captions if i not in wanted]
+    if missing or extra:
+        raise RuntimeError(
+            f"gathered captions do not cover the eval set: {len(missing)} image(s) without a "
+            f"caption (e.g. {missing[:3]}), {len(extra)} unknown id(s) (e.g. {extra[:3]})"
+        )
+    return {i: captions[i] for i in wanted}
+
+
+def _share(value: Any) -> Any:
+    """Rank 0's `value` on every rank (identity in one process)."""
+    from dlip.train.distributed import is_dist
+
+    if not is_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def evaluate_captions(
+    model: BLIP,
+    eval_set: EvalSet,
+    prompt: str = PROMPT,
+    num_beams: int = 3,
+    max_length: int = 20,
+    min_length: int = 5,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    spice: bool = False,
+) -> dict[str, Any]:
+    """Caption every image of `eval_set` (sharded over ranks) and score on rank 0.
+
+    Returns {"metrics", "predictions", "spice", "seconds"}. `metrics` (floats, pycocoevalcap
+    scale) reaches every rank, so ranks agree on e.g. the best checkpoint; `predictions`
+    {image_id: caption} is filled on rank 0 only ({} elsewhere). Every rank must call it.
+    """
+    from dlip.train.distributed import get_rank
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # generation needs BLIP's methods, not DDP's forward
+    if not model.config.has_decoder:
+        raise ValueError(f"model {model.config.name!r} has no decoder (has_decoder=false)")
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    gen = dict(prompt=prompt, num_beams=num_beams, max_length=max_length,
+               min_length=min_length, repetition_penalty=repetition_penalty)  # fmt: skip
+    was_training, start = model.training, time.perf_counter()
+    model.eval()
+    try:
+        pairs = _local_captions(model, eval_set, gen, batch_size, device, num_workers)
+    finally:
+        model.train(was_training)
+    gathered = _gather_pairs(pairs)
+    gen_seconds = time.perf_counter() - start
+    outcome: dict[str, Any] = {}
+    failure: Exception | None = None
+    predictions: dict[str, str] = {}
+    if get_rank() == 0:
+        try:
+            predictions = merge_captions(gathered or [], eval_set.image_ids)
+            metrics, spice_record = score_with_spice(predictions, references_of(eval_set), spice)
+            outcome = {"metrics": metrics, "spice": spice_record}
+        except (ValueError, RuntimeError, FileNotFoundError) as err:
+            failure, outcome = err, {"error": f"{type(err).__name__}: {err}"}
+    shared = _share(outcome)  # also carries a rank-0 failure, so no rank waits forever
+    if failure is not None:
+        raise failure
+    if "error" in shared:
+        raise RuntimeError(f"caption evaluation failed on rank 0: {shared['error']}")
+    total = time.perf_counter() - start
+    seconds = {"generation": gen_seconds, "scoring": total - gen_seconds, "total": total}
+    return {
+        "metrics": shared["metrics"],
+        "predictions": predictions,
+        "spice": shared["spice"],
+        "seconds": seconds,
+    }
+
+
+# ------------------------------------------------------------------------------------ command
+def _markdown(name: str, metrics: Mapping[str, float | None], spice: Mapping[str, Any]) -> str:
+    from dlip.eval.common import markdown_table
+
+    shown = {k: 100 * v for k, v in metrics.items() if v is not None}
+    lines = [
+        "# Captioning",
+        "",
+        markdown_table({name: shown}, digits=1),
+        "",
+        "Values x100 (results.json keeps pycocoevalcap's scale: fractions, CIDEr ~1.x).",
+    ]
+    if spice["value"] is None:
+        lines.append(f"SPICE not computed: {spice['reason']}.")
+    return "\n".join(lines)
+
+
+def _dataset_name(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(dataset for image ids: coco/flickr30k/None, name for results.json)."""
+    from dlip.data.karpathy import DATASETS
+
+    given = args.dataset
+    return (given if given in DATASETS else None), (given or Path(args.data).stem)
+
+
+def _load(args: argparse.Namespace, device: torch.device) -> BLIP:
+    from dlip.eval.common import load_eval_model
+
+    model = load_eval_model(args.model, device)
+    if not model.config.has_decoder:
+        raise ValueError(
+            f"--model {args.model}: {model.config.name!r} has no decoder (has_decoder=false, "
+            "e.g. a retrieval checkpoint); captioning needs a caption or pretraining checkpoint"
+        )
+    if args.image_size:
+        model.set_image_size(args.image_size)
+    return model
+
+
+def cmd_eval_caption(args: argparse.Namespace) -> int:
+    """`dlip eval caption`: generate, score, write results.json, results.md and captions.json."""
+    import json
+
+    from dlip.data.karpathy import load_eval_set
+    from dlip.eval.common import describe_model, results_record, write_results
+    from dlip.fileio import atomic_write_text
+    from dlip.train.distributed import is_main_process, setup_device
+
+    start = time.perf_counter()
+    require_java()  # fail before the (long) generation, not after it
+    device = setup_device(args.device)
+    model = _load(args, device)
+    id_dataset, name = _dataset_name(args)
+    eval_set = load_eval_set(args.data, args.images, dataset=id_dataset)
+    if not eval_set.images:
+        raise ValueError(f"{args.data}: no images to caption")
+    settings = {
+        "prompt": args.prompt, "num_beams": args.num_beams, "max_length": args.max_length,
+        "min_length": args.min_length, "repetition_penalty": args.repetition_penalty,
+        "image_size": model.config.vision.image_size, "batch_size": args.batch_size,
+    }  # fmt: skip
+    gen = {k: v for k, v in settings.items() if k not in ("image_size", "batch_size")}
+    out = evaluate_captions(
+        model, eval_set, **gen, batch_size=args.batch_size, device=device,
+        num_workers=args.num_workers, spice=args.spice,
+    )  # fmt: skip
+    if not is_main_process():
+        return 0
+    metrics = {**out["metrics"], "SPICE": out["spice"]["value"]}
+    predictions = [{"image_id": i, "caption": c} for i, c in out["predictions"].items()]
+    record = results_record(
+        "caption",
+        model=describe_model(args.model, model),
+        dataset={"data": str(Path(args.data).resolve()), "images": str(Path(args.images).resolve()),
+                 "name": name, "num_images": len(eval_set.images)},
+        settings=settings,
+        metrics=metrics,
+        spice=out["spice"],
+        seconds={**out["seconds"], "total": time.perf_counter() - start},
+        predictions=predictions,
+    )  # fmt: skip
+    atomic_write_text(Path(args.out) / CAPTIONS_JSON, json.dumps(predictions, indent=1) + "\n")
+    path = write_results(args.out, record, _markdown(model.config.name, metrics, out["spice"]))
+    shown = "  ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if v is not None)
+    print(f"{shown}  (x100)\nwrote {path}", flush=True)
+    return 0

@@ -1,0 +1,253 @@
+"""Finetuning for retrieval and captioning on the pretraining loop (`dlip finetune`).
+
+    dlip finetune retrieval --config configs/finetune/retrieval_coco.yaml \
+        model.checkpoint=runs/pretrain/final data.image_root=/data/coco
+    dlip finetune caption --config configs/finetune/caption_coco.yaml model.checkpoint=...
+    torchrun --nproc_per_node=8 -m dlip finetune retrieval --config ...   (DDP)
+
+What differs from pretraining is only what the task module runs and what the loop is given:
+
+- retrieval: ITC whose positives are every caption of the same image (`image_idx`, also in
+  the momentum queue) + ITM with hard negatives that never pick a caption of the same image,
+  optionally from all ranks (`loss.itm_all_ranks`, BLIP COCO); no LM.
+- caption: LM on `prompt + caption`, the prompt's tokens given and not predicted
+  (`prompt_length` = [DEC] + prompt tokens, BLIP's 4 for "a picture of "); generation in
+  validation starts from the same prompt.
+- optional KD from a finetuned teacher: the same `loss.kd` terms and weights as pretraining
+  (retrieval: ITC/ITM/encoder terms; caption: LM/decoder terms; a term of the other task is a
+  config error).
+- validation every `eval.every_epochs` epochs (and after the last step) with `dlip eval`'s
+  functions; the best student by r_mean (retrieval) or CIDEr + BLEU-4 (caption) is kept in
+  run_dir/best/; with `data.test`, run_dir/test/results.json is the best model's test result.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from dlip.data.karpathy import EvalSet
+from dlip.models.blip import BLIP
+from dlip.train.finetune_config import FinetuneConfig
+from dlip.train.pretrain import _DECODER_TERMS, PretrainTask
+
+_ENCODER_TERMS = {
+    "kd_itc", "kd_itm", "kd_rep_text", "kd_rep_fusion", "kd_hidden_text", "kd_hidden_fusion",
+    "kd_attn_text", "kd_attn_fusion", "kd_attn_cross",
+}  # fmt: skip
+
+
+def prompt_length(prompt: str) -> int:
+    """[DEC] + the prompt's tokens (BLIP: len(tokenizer(prompt).input_ids) - 1 = 4)."""
+    from dlip.tokenizer import get_tokenizer
+
+    ids = get_tokenizer()([prompt], padding="longest")["input_ids"][0]  # [CLS] ... [SEP]
+    return int(ids.shape[0]) - 1
+
+
+def load_student(cfg: FinetuneConfig) -> BLIP:
+    """The model to finetune at the run's image size (pos_embed resized when it changes)."""
+    from dlip.models.io import load
+    from dlip.models.presets import create_model
+
+    m = cfg.model
+    model = load(m.checkpoint) if m.checkpoint else create_model(str(m.preset))
+    if m.image_size is not None and m.image_size != model.config.vision.image_size:
+        model.set_image_size(m.image_size)
+    model.set_grad_checkpointing(m.grad_checkpointing)
+    return model
+
+
+def build_task(cfg: FinetuneConfig, teacher: BLIP | None = None) -> PretrainTask:
+    """The finetuning task module: the pretraining task with this task's objectives."""
+    from dlip.losses.adapters import KDAdapters
+
+    other = _DECODER_TERMS if cfg.task == "retrieval" else _ENCODER_TERMS
+    wrong = sorted(set(cfg.kd_config().enabled) & set(other))
+    if teacher is not None and wrong:
+        raise ValueError(f"KD terms {wrong} do not belong to {cfg.task} finetuning; set them to 0")
+    student = load_student(cfg)
+    adapters = None
+    if teacher is not None:
+        s_vocab, t_vocab = student.config.text.vocab_size, teacher.config.text.vocab_size
+        if s_vocab != t_vocab:
+            raise ValueError(f"teacher/student tokenizer mismatch: vocab {t_vocab} vs {s_vocab}")
+        adapters = KDAdapters.build(cfg.kd_config(), student.config, teacher.config)
+    plen = prompt_length(cfg.eval.prompt) if cfg.task == "caption" else 0
+    return PretrainTask(cfg, student, teacher, adapters, cfg.objectives, prompt_length=plen)
+
+
+def _synth_if_absent(cfg: FinetuneConfig, image_size: int) -> None:
+    from dlip.data.synthetic import synthesize
+    from dlip.train.distributed import is_dist, is_main_process
+
+    d = cfg.data
+    if d.synth_dir is None:
+        return
+    if is_main_process() and not (Path(d.synth_dir) / "test.json").is_file():
+        size = d.image_size_synth or image_size
+        synthesize(d.synth_dir, d.synth_images, seed=cfg.run.seed, image_size=size, overwrite=True)
+    if is_dist():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def train_rows(cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """Rows of every train file: Karpathy json (joined to the image root) or manifest jsonl.
+    Missing images and empty captions are skipped and counted (printed), as `dlip data`."""
+    from dlip.data.common import read_manifest
+    from dlip.data.karpathy import build_karpathy
+    from dlip.data.manifest import BuildReport
+
+    files, _, _, root = cfg.data.files()
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"data.train: {f} not found")
+        if f.endswith(".jsonl"):
+            rows.extend(read_manifest(f))
+            continue
+        report = BuildReport()
+        rows.extend(build_karpathy(f, root, report=report))
+        if report.skipped:
+            print(f"{f}: {report.skipped.summary()}")
+    if not rows:
+        raise ValueError(f"data.train {list(files)}: no usable rows")
+    return rows
+
+
+def build_loader(cfg: FinetuneConfig, model_config: Any) -> DataLoader:
+    from dlip.data.datasets import CaptionTrainDataset, RetrievalTrainDataset
+    from dlip.data.loader import make_loader
+    from dlip.transforms import train_transform
+
+    _synth_if_absent(cfg, model_config.vision.image_size)
+    d = cfg.data
+    transform = train_transform(model_config, d.min_scale, d.rand_augment, d.hflip)
+    rows = train_rows(cfg)
+    if cfg.task == "retrieval":
+        dataset: Any = RetrievalTrainDataset(rows, transform, max_words=d.max_words)
+    else:
+        dataset = CaptionTrainDataset(rows, transform, d.max_words, prompt=cfg.eval.prompt)
+    return make_loader(
+        dataset, d.batch_size, shuffle=True, num_workers=d.num_workers, seed=cfg.run.seed,
+        drop_last=True,
+    )  # fmt: skip
+
+
+def load_split(cfg: FinetuneConfig, split: str) -> EvalSet | None:
+    from dlip.data.karpathy import load_eval_set
+
+    _, val, test, root = cfg.data.files()
+    path = val if split == "val" else test
+    return None if path is None else load_eval_set(path, root)
+
+
+def validate_fn(cfg: FinetuneConfig):
+    """`validate(task, epoch)` for the loop: val metrics + `score` on rank 0 (every rank runs)."""
+    eval_set: dict[str, EvalSet | None] = {}
+
+    def validate(task: PretrainTask, epoch: int) -> dict[str, float] | None:
+        if "val" not in eval_set:
+            eval_set["val"] = load_split(cfg, "val")
+        split = eval_set["val"]
+        assert split is not None  # validate() requires data.val
+        return evaluate(cfg, task.student, split)
+
+    return validate
+
+
+def evaluate(cfg: FinetuneConfig, model: BLIP, split: EvalSet) -> dict[str, float]:
+    """The protocol's metrics and the selection `score` (r_mean; CIDEr + Bleu_4)."""
+    e = cfg.eval
+    device = next(model.parameters()).device
+    if cfg.task == "retrieval":
+        from dlip.eval.retrieval import evaluate_retrieval
+
+        out = evaluate_retrieval(
+            model, split, k=e.k_test, batch_size=e.batch_size, itm_batch=e.itm_batch,
+            device=device, max_words=cfg.data.max_words,
+        )  # fmt: skip
+        metrics = dict(out["metrics"]) | {f"itc_{k}": v for k, v in out["metrics_itc"].items()}
+        return metrics | {"score": metrics["r_mean"]}
+    from dlip.eval.captioning import evaluate_captions
+
+    out = evaluate_captions(
+        model, split, prompt=e.prompt, num_beams=e.num_beams, max_length=e.max_length,
+        min_length=e.min_length, batch_size=e.batch_size, device=device,
+    )  # fmt: skip
+    metrics = dict(out.get("metrics") or {})
+    if not metrics:  # ranks other than 0 get no metrics
+        return {"score": 0.0}
+    return metrics | {"score": metrics["CIDEr"] + metrics["Bleu_4"]}
+
+
+def test_best(cfg: FinetuneConfig, run_dir: Path) -> Path | None:
+    """`dlip eval` of run_dir/best on data.test -> run_dir/test/results.json (+ .md)."""
+    from dlip.cli import main as dlip_main
+
+    _, _, test, root = cfg.data.files()
+    if test is None:
+        return None
+    best = run_dir / "best"
+    if not best.is_dir():
+        raise FileNotFoundError(f"{best}: no best checkpoint was saved (no validation ran)")
+    e = cfg.eval
+    args = [
+        "eval", cfg.task, "--model", str(best), "--data", test, "--images", str(root or "."),
+        "--out", str(run_dir / "test"), "--batch-size", str(e.batch_size),
+        "--num-workers", "0", "--device", cfg.run.device,
+    ]  # fmt: skip
+    if cfg.task == "retrieval":
+        args += ["--k", str(e.k_test), "--itm-batch", str(e.itm_batch)]
+        args += ["--max-words", str(cfg.data.max_words)]
+    else:
+        args += ["--prompt", e.prompt, "--num-beams", str(e.num_beams)]
+        args += ["--max-length", str(e.max_length), "--min-length", str(e.min_length)]
+    if dlip_main(args) != 0:
+        raise RuntimeError(f"test evaluation of {best} failed")
+    return run_dir / "test" / "results.json"
+
+
+# ----------------------------------------------------------------------------------- entry point
+def load_config(task: str, path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
+    """The run config; the yaml's `task` (if any) must be the command's."""
+    from dlip.config import ConfigError
+    from dlip.train.config import load
+
+    cfg = load(path, overrides, validate=False, cls=FinetuneConfig)
+    if path is not None and cfg.task != task and _yaml_sets_task(path):
+        raise ConfigError(f"{path} is a {cfg.task} config; `dlip finetune {task}` cannot run it")
+    return load(path, [*overrides, f"task={task}"], cls=FinetuneConfig)
+
+
+def _yaml_sets_task(path: str) -> bool:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return isinstance(data, dict) and "task" in data
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dlip.train.loop import Job, run
+
+    cfg = load_config(args.task, args.config, args.overrides)
+    job = Job(build_task=build_task, build_loader=build_loader, validate=validate_fn(cfg))
+    run(cfg, resume=args.resume, job=job)
+    if not args.no_test:
+        test_best(cfg, Path(cfg.run.run_dir))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`dlip finetune` as a function (tests call `main([...])`)."""
+    from dlip.cli import add_finetune_arguments
+
+    parser = argparse.ArgumentParser(prog="dlip finetune")
+    add_finetune_arguments(parser)
+    return cmd_finetune(parser.parse_args(argv))
