@@ -177,6 +177,8 @@ class FinetuneConfig:
             errors.append("no training data: set data.train (or data.synth_dir)")
         if val is None:
             errors.append("no validation split: set data.val (model selection needs it)")
+        if d.synth_dir is None:  # synthetic files are built at the start of the run
+            errors += _missing_files(d)
         if kd.enabled and not self.teacher.checkpoint:
             errors.append(f"kd weights set ({list(kd.enabled)}) but teacher.checkpoint is empty")
         if self.task == "retrieval" and d.batch_size < 2:
@@ -203,6 +205,19 @@ class FinetuneConfig:
                 f"data.max_length={self.data.max_length} exceeds the model's "
                 f"text.max_position_embeddings {config.text.max_position_embeddings}"
             )
+
+
+def _missing_files(d: FTDataSection) -> list[str]:
+    """Errors for data files and the image root that do not exist (before step 1, not after
+    an epoch of training)."""
+    named = [(f"data.train[{i}]", f) for i, f in enumerate(d.train)]
+    named += [("data.val", d.val), ("data.test", d.test)]
+    errors = [
+        f"{key}: {path} not found" for key, path in named if path and not Path(path).is_file()
+    ]
+    if d.image_root is not None and not Path(d.image_root).is_dir():
+        errors.append(f"data.image_root: {d.image_root} is not a directory")
+    return errors
 
 
 __all__ = ["TASKS", "EvalSection", "FTDataSection", "FTModelSection", "FinetuneConfig"]

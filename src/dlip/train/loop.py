@@ -158,6 +158,9 @@ def epoch_batches(loader: DataLoader, epoch: int, skip_batches: int) -> Iterator
     if skip_batches == 0:
         yield from loader
         return
+    if hasattr(loader, "iter_from"):  # webdataset (dlip.train.wds_loader): read past them
+        yield from loader.iter_from(skip_batches)
+        return
     sampler = _SkipSampler(loader.sampler, skip_batches * loader.batch_size)
     yield from DataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=sampler,
@@ -172,6 +175,7 @@ def build_loader(cfg: PretrainConfig, image_config) -> DataLoader:
 
     from dlip.data.datasets import ManifestDataset
     from dlip.data.loader import make_loader
+    from dlip.train.wds_loader import build_wds_loader, check_sources
     from dlip.transforms import train_transform
 
     d = cfg.data
@@ -188,12 +192,15 @@ def build_loader(cfg: PretrainConfig, image_config) -> DataLoader:
         if is_dist():
             dist.barrier()
         manifests.insert(0, synth / "manifest.jsonl")
+    transform = train_transform(image_config, d.min_scale, d.rand_augment, d.hflip)
+    shard_dirs = check_sources(manifests)  # dirs and jsonl files mixed: ValueError
+    if shard_dirs:
+        return build_wds_loader(cfg, transform, shard_dirs)
     if d.weights:
-        raise ValueError("data.weights (weighted sampling) is not supported by the trainer yet")
+        raise ValueError("data.weights (weighted sampling) needs shard dirs (`dlip data shard`)")
     for m in manifests:
         if not m.is_file():
-            raise FileNotFoundError(f"data manifest {m} not found (webdataset dirs: not yet)")
-    transform = train_transform(image_config, d.min_scale, d.rand_augment, d.hflip)
+            raise FileNotFoundError(f"data manifest {m} not found")
     sets = [ManifestDataset(m, transform, max_words=d.max_words) for m in manifests]
     dataset = sets[0] if len(sets) == 1 else ConcatDataset(sets)
     return make_loader(
@@ -317,7 +324,8 @@ def run(cfg: Any, resume: str | None = None, job: Job | None = None) -> Path:
                 if job.validate is not None and epoch % cfg.eval.every_epochs == 0:
                     _validate(job, task, run_dir, step, epoch, best, logger)
         if job.validate is not None and best["validated_step"] != step:
-            _validate(job, task, run_dir, step, epoch, best, logger)  # the run's last state
+            done = epoch + (1 if consumed >= len(loader) else 0)  # epochs completed
+            _validate(job, task, run_dir, step, done, best, logger)  # the run's last state
     finally:
         bar.close()
         logger.close()
