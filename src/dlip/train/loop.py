@@ -244,14 +244,16 @@ def run(cfg: Any, resume: str | None = None, job: Job | None = None) -> Path:
     """Train as `cfg` says (a PretrainConfig, or a FinetuneConfig with its `job`); returns
     `run_dir/final`. Errors in the setup come before step 1."""
     job = job or Job()
-    if cfg.run.compile:
-        raise ValueError("run.compile is not supported by the trainer yet")
     teacher = load_teacher(cfg)  # missing path: FileNotFoundError, before anything is built
     device = init_distributed(cfg)
     run_dir = Path(cfg.run.run_dir)
     seed_everything(cfg.run.seed + get_rank())
     task = job.build_task(cfg, teacher)  # vocab mismatch / layer map out of range: ValueError
     task.to(device).train()
+    if cfg.run.compile:  # after .to(): compiled blocks keep their parameters
+        n = task.student.compile_blocks()
+        if is_main_process():
+            print(f"run.compile: torch.compile on {n} student blocks (first steps compile)")
     if teacher is not None:
         bf16 = device.type == "cuda" and cfg.teacher.bf16
         teacher.to(device, torch.bfloat16 if bf16 else torch.float32)
