@@ -1,6 +1,6 @@
 """Does distillation help? A tiny teacher, a student with KD and the same student without KD.
 
-    python benchmarks/kd_experiment.py [--work runs/kd_experiment] [--teacher-steps 400]
+    python benchmarks/kd_experiment.py [--work runs/kd_experiment] [--teacher-steps 800]
                                        [--student-steps 300] [--images 1000]
 
 All three runs use `dlip pretrain` on `dlip data synth` output: the teacher first, from scratch
@@ -115,7 +115,7 @@ def report(result: dict, out_md: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("runs/kd_experiment"))
-    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--teacher-steps", type=int, default=800)
     parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kd_experiment.json"))
