@@ -177,7 +177,10 @@ def test_section_given_a_scalar():
         ("data.batch_size=2.5", "data.batch_size=2.5 is not an int"),
         ("data.hflip=1", "data.hflip=1 is not a bool"),
         ("run.max_steps=ten", "run.max_steps='ten' is not an int or null"),
-        ("optim.schedule=linear", "optim.schedule='linear' is not one of 'cosine', 'cosine_epoch', 'step'"),
+        (
+            "optim.schedule=linear",
+            "optim.schedule='linear' is not one of 'cosine', 'cosine_epoch', 'step'",
+        ),
         ("optim.betas=[0.9]", "optim.betas="),
         ("data.manifests=a.jsonl", "data.manifests='a.jsonl' is not a list of a str"),
         ("loss.kd.rep_loss=3", "loss.kd.rep_loss=3 is not a str"),
