@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import dlip
 from dlip.cli import main
 
@@ -45,3 +47,18 @@ def test_bundled_photos_are_real_images():
         image = load_image(bundled_photo(name))
         assert min(image.size) >= 200 and image.mode == "RGB"
     assert dlip.__version__
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["serve"], ["eval", "retrieval"], ["finetune"], ["export", "onnx"], ["search"]]
+)
+def test_help_does_not_import_torch(command):
+    """`dlip ... --help` answers without paying for torch (commands import lazily)."""
+    code = (
+        "import sys\nfrom dlip.cli import main\ntry:\n"
+        f"    main({[*command, '--help']!r})\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -9,6 +9,9 @@ dlip data {build,merge,export-json,shard,synth} ...
 dlip pretrain --config YAML [key=value ...] [--resume latest]
 dlip finetune retrieval|caption --config YAML [key=value ...] [--resume latest]
 dlip eval retrieval|caption --model DIR --data JSON --images ROOT --out DIR
+dlip caption|embed|itm|index build|search ...  (inference: dlip.inference.Predictor)
+dlip serve --model M [--index DIR] --port P [--host 127.0.0.1]
+dlip export onnx MODEL --out DIR [--opset N] [--image-size N] [--atol 1e-4]
 """
 
 from __future__ import annotations
@@ -158,18 +161,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_arguments(p)
     p.set_defaults(func="dlip.train.finetune:cmd_finetune")
 
+    p = sub.add_parser("serve", help="the demo web app: caption, ITM and search in a browser")
+    p.add_argument("--model", required=True, help="saved model directory or preset name")
+    p.add_argument("--index", default=None, help="image index directory (dlip index build)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
+    p.set_defaults(func="dlip.serve:cmd_serve")
+
+    p = sub.add_parser("export", help="export a model to ONNX, checked against PyTorch")
+    formats = p.add_subparsers(dest="format", required=True)
+    q = formats.add_parser(
+        "onnx",
+        help="image/text encoders, ITM scorer, KV-cache caption decoder + manifest.json",
+        description="Each graph is run in onnxruntime at two batch sizes and lengths; a max abs "
+        "difference from PyTorch above --atol fails the export.",
+    )
+    q.add_argument("model", help="preset name or saved model directory")
+    q.add_argument("--out", required=True, help="output directory (graphs + manifest.json)")
+    q.add_argument("--opset", type=int, default=18)
+    q.add_argument("--image-size", type=int, default=None, help="resize pos_embed first")
+    q.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (max abs diff)")
+    q.add_argument("--graphs", default=None, help="comma list (default: all the model has)")
+    q.set_defaults(func="dlip.export:cmd_export")
+
     from dlip.data.cli import add_data_parser
     from dlip.eval.cli import add_eval_parser
+    from dlip.inference_cli import add_inference_parser
 
     add_data_parser(sub)
     add_eval_parser(sub)
+    add_inference_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help exits here, before torch is imported
     from dlip.models.io import CheckpointError
 
-    args = build_parser().parse_args(argv)
     func = args.func
     if isinstance(func, str):  # "module:function", imported only when that command runs
         module, name = func.split(":")

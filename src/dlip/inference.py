@@ -1,0 +1,650 @@
+"""Inference API: `Predictor` (caption, embed, ITM, search) and the on-disk `ImageIndex`.
+
+Inputs are paths, PIL images, HxWx3 / HxW uint8 numpy arrays or encoded bytes; a bad one raises
+`BadImage` (a ValueError) naming its index and the reason (`dlip.data.common.REASONS` names).
+Images over `max_pixels` are refused from the header, before any pixel is decoded, and PIL's
+own decompression-bomb warning / error becomes BadImage too.
+
+Thread safety: every public Predictor method holds one re-entrant lock for its whole call, so a
+Predictor may be shared by threads (calls run one at a time; run several Predictors, one per
+device, for parallelism). Outputs are float32 CPU tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from dlip.fileio import atomic_write_text
+from dlip.models.blip import BLIP
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | bytes
+DEFAULT_MAX_PIXELS = 64_000_000  # far above any photo, far below what exhausts memory
+TEXT_LENGTH = 35  # BLIP's eval text length
+MAX_WORDS = 30  # pre_caption word limit for queries (BLIP's retrieval)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+INDEX_JSON, FEATURES_FILE, CHUNK_DIR, PROGRESS_JSON = (
+    "index.json",
+    "features.safetensors",
+    "chunks",
+    "progress.json",
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_warned_presets: set[str] = set()
+
+
+class BadImage(ValueError):
+    """An image input that cannot be used; `index` is its position in the call, `reason` one of
+    dlip.data.common.REASONS (not_an_image, truncated, too_large, empty_image, missing_file)."""
+
+    def __init__(self, index: int | None, reason: str, detail: str, name: str = "") -> None:
+        where = f"image {index}" if index is not None else "image"
+        if name:
+            where += f" ({name})"
+        super().__init__(f"{where}: {reason}: {detail}")
+        self.index, self.reason, self.detail = index, reason, detail
+
+
+# ------------------------------------------------------------------------------- decoding
+def _check_size(w: int, h: int, max_pixels: int) -> tuple[str, str] | None:
+    if w * h == 0:
+        return "empty_image", f"{w}x{h}"
+    if w * h > max_pixels:
+        return "too_large", f"{w}x{h} = {w * h} pixels > limit {max_pixels}"
+    return None
+
+
+def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded bytes -> fully decoded RGB image; raises BadImage(index=None) on any problem."""
+    if not data:
+        raise BadImage(None, "empty_image", "0 bytes")
+    try:
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its own limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage(None, "too_large", str(err)) from None
+    except Image.UnidentifiedImageError:
+        raise BadImage(None, "not_an_image", f"{len(data)} bytes PIL cannot identify") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadImage(None, "truncated", str(err)) from None
+    with im:
+        problem = _check_size(im.width, im.height, max_pixels)
+        if problem:
+            raise BadImage(None, *problem)
+        try:
+            return im.convert("RGB")  # the full decode: truncation surfaces here
+        except (OSError, SyntaxError, ValueError) as err:
+            raise BadImage(None, "truncated", str(err)) from None
+
+
+def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
+    if arr.dtype != np.uint8:
+        raise BadImage(None, "not_an_image", f"numpy array of dtype {arr.dtype}, expected uint8")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise BadImage(None, "not_an_image", f"array shape {arr.shape}, expected HxW or HxWx3")
+    problem = _check_size(arr.shape[1], arr.shape[0], max_pixels)
+    if problem:
+        raise BadImage(None, *problem)
+    return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+
+
+def to_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """One ImageInput -> RGB PIL image; BadImage (index None) when unusable."""
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BadImage(None, "missing_file", "no such file", str(path)) from None
+        except OSError as err:  # a directory, no permission, ...
+            raise BadImage(None, "missing_file", str(err), str(path)) from None
+        try:
+            return decode_bytes(data, max_pixels)
+        except BadImage as err:
+            raise BadImage(None, err.reason, err.detail, str(path)) from None
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return decode_bytes(bytes(item), max_pixels)
+    if isinstance(item, Image.Image):
+        problem = _check_size(item.width, item.height, max_pixels)
+        if problem:
+            raise BadImage(None, *problem)
+        return item if item.mode == "RGB" else item.convert("RGB")
+    if isinstance(item, np.ndarray):
+        return _from_array(item, max_pixels)
+    raise BadImage(None, "not_an_image", f"unsupported input type {type(item).__name__}")
+
+
+def _as_list(items: Any, kind: type | tuple[type, ...]) -> list:
+    """A single input -> [input]; a sequence stays a list (a str / bytes is one item)."""
+    if isinstance(items, kind) or (isinstance(items, np.ndarray) and items.ndim in (2, 3)):
+        return [items]
+    return list(items)
+
+
+# ------------------------------------------------------------------------------- predictor
+@dataclass
+class SearchHit:
+    path: str
+    score: float  # itm + itc when re-ranked, else itc
+    itc: float  # cosine similarity
+    itm: float | None  # raw ITM positive logit (re-ranked hits only)
+
+
+class Predictor:
+    """A BLIP model ready for inference; see the module docstring for inputs and threading."""
+
+    def __init__(
+        self,
+        model: BLIP,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        spec: str | None = None,
+    ) -> None:
+        from dlip.tokenizer import get_tokenizer
+        from dlip.transforms import eval_transform
+
+        self.device = torch.device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.fingerprint = model_fingerprint(model)  # before the dtype cast
+        self.model = model.to(self.device, self.dtype).eval()
+        self.tokenizer = get_tokenizer()
+        self.transform = eval_transform(model.config)
+        self.max_pixels = max_pixels
+        self.spec = spec or model.config.name
+        self._lock = threading.RLock()
+
+    @classmethod
+    def load(
+        cls,
+        path_or_preset: str,
+        device: str = "auto",
+        dtype: str | torch.dtype = "float32",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Predictor:
+        """A saved model directory (strict load) or a preset name (random weights, warns)."""
+        from dlip.models.io import load
+        from dlip.models.presets import create_model, list_presets
+
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device != "auto":
+            dev = torch.device(device)
+        if Path(path_or_preset).is_dir():
+            model, spec = load(path_or_preset), str(Path(path_or_preset).resolve())
+        elif path_or_preset in list_presets():
+            if path_or_preset not in _warned_presets:
+                _warned_presets.add(path_or_preset)
+                warnings.warn(
+                    f"preset {path_or_preset!r} has random weights: outputs are meaningless "
+                    "(pass a saved model directory for real predictions)",
+                    stacklevel=2,
+                )
+            model, spec = create_model(path_or_preset), path_or_preset
+        else:
+            raise FileNotFoundError(
+                f"model {path_or_preset!r}: not a saved model directory nor a preset "
+                f"({', '.join(list_presets())})"
+            )
+        return cls(model, dev, dtype, max_pixels, spec)
+
+    # ----------------------------------------------------------------------------- helpers
+    @contextmanager
+    def _run(self) -> Iterator[None]:
+        low = self.dtype != torch.float32
+        with (
+            self._lock,
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=low),
+        ):
+            yield
+
+    def pixels(self, images: Sequence[Any], offset: int = 0) -> Tensor:
+        """Inputs -> (B, 3, S, S) normalised pixels on the device; BadImage names the index."""
+        out = []
+        for i, item in enumerate(images):
+            try:
+                im = to_pil(item, self.max_pixels)
+            except BadImage as err:
+                name = str(item) if isinstance(item, (str, os.PathLike)) else ""
+                raise BadImage(offset + i, err.reason, err.detail, name) from None
+            out.append(self.transform(im))
+        return torch.stack(out).to(self.device, self.dtype)
+
+    def _batches(self, images: Any, batch_size: int) -> Iterator[Tensor]:
+        items = _as_list(images, (str, os.PathLike, Image.Image, bytes))
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(items), batch_size):
+            yield self.pixels(items[start : start + batch_size], offset=start)
+
+    def tokenize(self, texts: Sequence[str], first: int | None = None) -> tuple[Tensor, Tensor]:
+        """pre_caption'd texts -> (B, T) ids ([CLS] first, or `first`) and mask on the device."""
+        from dlip.tokenizer import pre_caption
+
+        enc = self.tokenizer([pre_caption(t, MAX_WORDS) for t in texts], max_length=TEXT_LENGTH)
+        ids = enc["input_ids"]
+        if first is not None:
+            ids = ids.clone()
+            ids[:, 0] = first
+        return ids.to(self.device), enc["attention_mask"].to(self.device)
+
+    # ----------------------------------------------------------------------------- tasks
+    def caption(
+        self,
+        images: Any,
+        num_beams: int = 3,
+        max_length: int = 20,
+        min_length: int = 5,
+        prompt: str | None = None,
+        repetition_penalty: float = 1.0,
+        sample: bool = False,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        batch_size: int = 16,
+        temperature: float = 1.0,
+    ) -> list[str]:
+        """Beam search (greedy at num_beams=1), or nucleus sampling when `sample` (one torch
+        Generator seeded with `seed` for the whole call: reproducible for a fixed batch_size)."""
+        from dlip.models.generation import generate_captions
+
+        prompt = self.model.config.prompt if prompt is None else prompt
+        if sample and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        gen = None
+        if sample:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        out: list[str] = []
+        with self._run():
+            for pixels in self._batches(images, batch_size):
+                if sample:
+                    out += sample_captions(
+                        self.model, pixels, prompt, max_length, min_length,
+                        repetition_penalty, top_p, temperature, gen, self.tokenizer,
+                    )  # fmt: skip
+                else:
+                    out += generate_captions(
+                        self.model, pixels, prompt, num_beams, max_length, min_length,
+                        repetition_penalty, self.tokenizer,
+                    )  # fmt: skip
+        return out
+
+    def embed_images(self, images: Any, batch_size: int = 32) -> Tensor:
+        """(N, E) L2-normalised ITC image features, float32 on CPU."""
+        feats = [torch.zeros(0, self.model.config.embed_dim)]
+        with self._run():
+            for pixels in self._batches(images, batch_size):
+                feats.append(self.model.encode_image(pixels).feat.float().cpu())
+        return torch.cat(feats)
+
+    def embed_texts(self, texts: str | Sequence[str], batch_size: int = 128) -> Tensor:
+        """(N, E) L2-normalised ITC text features (pre_caption'd, 35 tokens), float32 CPU."""
+        texts = _as_list(texts, str)
+        feats = [torch.zeros(0, self.model.config.embed_dim)]
+        with self._run():
+            for start in range(0, len(texts), batch_size):
+                ids, mask = self.tokenize(texts[start : start + batch_size])
+                feats.append(self.model.encode_text(ids, mask).feat.float().cpu())
+        return torch.cat(feats)
+
+    def itm_scores(self, images: Any, texts: str | Sequence[str], batch_size: int = 32) -> Tensor:
+        """(N,) match probability softmax(ITM logits)[:, 1] of zipped pairs; one image with many
+        texts or many images with one text broadcast."""
+        imgs = _as_list(images, (str, os.PathLike, Image.Image, bytes))
+        txts = _as_list(texts, str)
+        n = max(len(imgs), len(txts))
+        if len(imgs) not in (1, n) or len(txts) not in (1, n):
+            raise ValueError(f"itm_scores: {len(imgs)} images vs {len(txts)} texts")
+        out = []
+        with self._run():
+            tokens = None
+            for start in range(0, n, batch_size):
+                rows = range(start, min(start + batch_size, n))
+                if len(imgs) > 1 or tokens is None:
+                    chunk = imgs if len(imgs) == 1 else imgs[rows.start : rows.stop]
+                    tokens = self.model.encode_image(self.pixels(chunk, start)).tokens
+                t = txts if len(txts) == 1 else txts[rows.start : rows.stop]
+                ids, mask = self.tokenize(t, first=self.tokenizer.enc_token_id)
+                b = len(rows)
+                img_tok = tokens.expand(b, -1, -1) if tokens.shape[0] == 1 else tokens
+                ids, mask = ids.expand(b, -1), mask.expand(b, -1)
+                logits = self.model.itm_logits(img_tok, ids, mask).float()  # (b, 2)
+                out.append(logits.softmax(-1)[:, 1].cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def search(
+        self, query: str, index: ImageIndex, k: int = 10, rerank: int | None = None
+    ) -> list[SearchHit]:
+        """ITC top-k; with `rerank`, the top `rerank` images are re-scored by ITM positive logit
+        + cosine (BLIP's rule, images re-read from their paths) and ranked above the rest."""
+        from dlip.eval.retrieval import itm_pair_scores
+
+        index.check_model(self)
+        if k < 1 or (rerank is not None and rerank < 1):
+            raise ValueError(f"k and rerank must be >= 1 (got k={k}, rerank={rerank})")
+        sims = index.features @ self.embed_texts([query])[0]  # (N,)
+        top = sims.topk(min(max(k, rerank or 0), len(index))).indices.tolist()
+        hits = [SearchHit(index.path(i), float(sims[i]), float(sims[i]), None) for i in top]
+        if not rerank or not hits:
+            return hits[:k]
+        head = hits[:rerank]
+        with self._run():
+            tokens = self.model.encode_image(self.pixels([h.path for h in head])).tokens
+            ids, mask = self.tokenize([query], first=self.tokenizer.enc_token_id)
+            pairs_img = torch.arange(len(head))
+            itm = itm_pair_scores(self.model, tokens, ids, mask, pairs_img, pairs_img * 0)
+        for hit, logit in zip(head, itm.tolist(), strict=True):
+            hit.itm, hit.score = logit, logit + hit.itc
+        head.sort(key=lambda h: -h.score)
+        return (head + hits[rerank:])[:k]
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("float16 is CUDA only; use float32 (or bfloat16, slower) on CPU")
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        warnings.warn("bfloat16 on CPU is usually slower than float32", stacklevel=3)
+    return dtype
+
+
+def model_fingerprint(model: BLIP) -> str:
+    """A short hash of the projection weights: tells two checkpoints apart in an index."""
+    h = hashlib.sha1(model.config.name.encode())
+    for name in ("vision_proj", "text_proj", "visual_encoder.cls_token"):
+        try:
+            t = model.get_submodule(name).weight if "proj" in name else model.get_parameter(name)
+        except AttributeError:
+            continue
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------- sampling
+def _nucleus(logits: Tensor, top_p: float, gen: torch.Generator | None) -> Tensor:
+    """(B, V) logits -> (B,) ids drawn from the smallest set with probability >= top_p."""
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_p.cumsum(-1)
+    sorted_p = sorted_p.masked_fill(cum - sorted_p >= top_p, 0.0)  # the first always stays
+    pick = torch.multinomial(sorted_p, 1, generator=gen)  # (B, 1), renormalises itself
+    return order.gather(1, pick)[:, 0]
+
+
+@torch.no_grad()
+def sample_captions(
+    model: BLIP,
+    pixels: Tensor,
+    prompt: str,
+    max_length: int,
+    min_length: int,
+    repetition_penalty: float,
+    top_p: float,
+    temperature: float,
+    gen: torch.Generator | None,
+    tokenizer,
+) -> list[str]:
+    """Nucleus sampling over the KV-cached decoder (`generation._Decoder`), lengths as beam
+    search (prompt counted); the prompt is stripped from the returned text."""
+    from dlip.models.generation import _Decoder, _repetition_penalty, _trim, prompt_ids
+
+    eos = tokenizer.sep_token_id
+    seqs = prompt_ids(tokenizer, prompt, pixels.shape[0], pixels.device)  # (B, L0)
+    if max_length <= seqs.shape[1]:
+        raise ValueError(f"max_length {max_length} leaves no room after the prompt")
+    dec = _Decoder(model, model.encode_image(pixels).tokens)
+    done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
+    logits = dec.step(seqs, seqs.shape[1])
+    while seqs.shape[1] < max_length:
+        logits = _repetition_penalty(logits, seqs, repetition_penalty) / temperature
+        if seqs.shape[1] < min_length:
+            logits[:, eos] = float("-inf")
+        nxt = torch.where(done, eos, _nucleus(logits, top_p, gen))  # (B,)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        done |= nxt == eos
+        if done.all():
+            break
+        logits = dec.step(nxt[:, None], seqs.shape[1])
+    rows = [_trim(r, eos) for r in seqs.tolist()]
+    texts = tokenizer.batch_decode(
+        rows, skip_special_tokens=True, clean_up_tokenization_spaces=True
+    )
+    return [t[len(prompt) :].strip() if t.startswith(prompt.strip()) else t.strip() for t in texts]
+
+
+# ------------------------------------------------------------------------------- index
+@dataclass
+class ImageIndex:
+    """Normalised image features with their files: DIR/index.json + DIR/features.safetensors."""
+
+    paths: list[str]  # relative to `root` (absolute when root is "")
+    features: Tensor  # (N, E) float32
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, i: int) -> str:
+        return str(Path(self.meta.get("root", "")) / self.paths[i])
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImageIndex:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / INDEX_JSON).is_file():
+            raise FileNotFoundError(f"{path / INDEX_JSON} not found (build it: dlip index build)")
+        meta = json.loads((path / INDEX_JSON).read_text(encoding="utf-8"))
+        features = load_file(str(path / FEATURES_FILE))["features"]
+        paths = meta.pop("paths")
+        if features.shape != (len(paths), meta["embed_dim"]):
+            raise ValueError(
+                f"{path}: features {tuple(features.shape)} vs {len(paths)} paths, "
+                f"embed_dim {meta['embed_dim']}"
+            )
+        return cls(paths, features.float(), meta)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / (FEATURES_FILE + ".tmp")
+        save_file({"features": self.features.contiguous()}, str(tmp))
+        tmp.replace(path / FEATURES_FILE)
+        meta = {**self.meta, "count": len(self.paths), "paths": self.paths}
+        atomic_write_text(path / INDEX_JSON, json.dumps(meta, indent=1) + "\n")
+
+    def check_model(self, predictor: Predictor) -> None:
+        """ValueError unless `predictor` runs the model this index was built with."""
+        model = predictor.model.config
+        want = (self.meta.get("model_name"), self.meta.get("embed_dim"))
+        got = (model.name, model.embed_dim)
+        if want != got or self.meta.get("fingerprint") != predictor.fingerprint:
+            raise ValueError(
+                f"index built with model {want[0]!r} (embed_dim {want[1]}, weights "
+                f"{self.meta.get('fingerprint')}, from {self.meta.get('model')}) but the "
+                f"predictor runs {got[0]!r} (embed_dim {got[1]}, weights "
+                f"{predictor.fingerprint}): rebuild the index or load its model"
+            )
+
+
+@dataclass
+class IndexReport:
+    out: str
+    count: int  # images in the index (so far, when incomplete)
+    skipped: dict[str, int]  # bad files by reason
+    bad_files: dict[str, str]  # relative path -> reason
+    chunks_done: int
+    chunks_total: int
+    resumed_chunks: int  # chunks found complete from an earlier run
+
+    @property
+    def complete(self) -> bool:
+        return self.chunks_done == self.chunks_total
+
+
+def list_images(image_dir: str | Path) -> list[str]:
+    """Image files under `image_dir` (recursive, sorted), as posix paths relative to it."""
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image directory not found: {root}")
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def _embed_chunk(
+    predictor: Predictor, root: Path, names: list[str], batch_size: int, tick: Callable
+) -> tuple[Tensor, list[str], dict[str, str]]:
+    """Features of the readable files among `names`; the others are returned with a reason."""
+    feats = [torch.zeros(0, predictor.model.config.embed_dim)]
+    kept: list[str] = []
+    bad: dict[str, str] = {}
+    for start in range(0, len(names), batch_size):
+        batch = names[start : start + batch_size]
+        pixels = []
+        for name in batch:
+            try:
+                pixels.append(predictor.transform(to_pil(root / name, predictor.max_pixels)))
+                kept.append(name)
+            except BadImage as err:
+                bad[name] = err.reason
+        if pixels:
+            with predictor._run():
+                px = torch.stack(pixels).to(predictor.device, predictor.dtype)
+                feats.append(predictor.model.encode_image(px).feat.float().cpu())  # (B, E)
+        tick(len(batch))
+    return torch.cat(feats), kept, bad
+
+
+def _write_chunk(path: Path, feats: Tensor, kept: list[str], bad: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"paths": json.dumps(kept), "bad": json.dumps(bad)}
+    save_file({"features": feats.contiguous()}, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: a killed build never leaves a half chunk
+
+
+def _read_chunk(path: Path) -> tuple[Tensor, list[str], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        return f.get_tensor("features"), json.loads(meta["paths"]), json.loads(meta["bad"])
+
+
+def _build_state(predictor: Predictor, root: Path, files: list[str], chunk_size: int) -> dict:
+    """What a resumed build must share with the run that wrote the chunks."""
+    listing = hashlib.sha1("\n".join(files).encode()).hexdigest()
+    return {
+        "root": str(root),
+        "files_sha1": listing,
+        "n_files": len(files),
+        "chunk_size": chunk_size,
+        "model_name": predictor.model.config.name,
+        "fingerprint": predictor.fingerprint,
+    }
+
+
+def _resume_point(out: Path, state: dict, resume: bool) -> int:
+    """Chunks already complete in `out` (0 without resume); ValueError if they are foreign."""
+    progress = out / PROGRESS_JSON
+    if not resume or not progress.is_file():
+        for old in (out / CHUNK_DIR).glob("*.safetensors"):
+            old.unlink()
+        return 0
+    prev = json.loads(progress.read_text(encoding="utf-8"))
+    diff = [k for k in state if prev.get(k) != state[k]]
+    if diff:
+        raise ValueError(
+            f"{out} holds a partial index of other inputs ({', '.join(diff)} differ): "
+            "use another --out or resume=False (--no-resume) to start over"
+        )
+    done = int(prev["done"])
+    while done and not (out / CHUNK_DIR / f"{done - 1:05d}.safetensors").is_file():
+        done -= 1  # a chunk removed by hand: redo it
+    return done
+
+
+def build_index(
+    predictor: Predictor,
+    image_dir: str | Path,
+    out: str | Path,
+    batch_size: int = 32,
+    resume: bool = True,
+    progress: bool = True,
+    chunk_size: int = 1024,
+    max_chunks: int | None = None,
+) -> IndexReport:
+    """Embed every image under `image_dir` into an ImageIndex at `out`, resumably.
+
+    Images go in chunks of `chunk_size` files, each written atomically to out/chunks/NNNNN +
+    out/progress.json; a rerun continues after the last complete chunk. Unreadable files are
+    skipped and counted. `max_chunks` stops after that many new chunks (incremental builds);
+    index.json + features.safetensors are written once every chunk is done.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be >= 1 ({batch_size}, {chunk_size})")
+    root, out = Path(image_dir).resolve(), Path(out)
+    files = list_images(root)
+    state = _build_state(predictor, root, files, chunk_size)
+    done = resumed = _resume_point(out, state, resume)
+    total = -(-len(files) // chunk_size)
+    bar = tqdm(total=len(files), initial=min(done * chunk_size, len(files)), disable=not progress)
+    with bar:
+        while done < total and (max_chunks is None or done - resumed < max_chunks):
+            names = files[done * chunk_size : (done + 1) * chunk_size]
+            chunk = _embed_chunk(predictor, root, names, batch_size, bar.update)
+            _write_chunk(out / CHUNK_DIR / f"{done:05d}.safetensors", *chunk)
+            done += 1
+            atomic_write_text(out / PROGRESS_JSON, json.dumps({**state, "done": done}, indent=1))
+    feats, paths, bad = [torch.zeros(0, predictor.model.config.embed_dim)], [], {}
+    for c in range(done):
+        f, p, b = _read_chunk(out / CHUNK_DIR / f"{c:05d}.safetensors")
+        feats.append(f)
+        paths += p
+        bad.update(b)
+    skipped = dict(sorted(Counter(bad.values()).items()))
+    if done == total:
+        meta = {
+            "model": predictor.spec,
+            "model_name": predictor.model.config.name,
+            "embed_dim": predictor.model.config.embed_dim,
+            "image_size": predictor.model.config.vision.image_size,
+            "fingerprint": predictor.fingerprint,
+            "root": str(root),
+            "skipped": skipped,
+            "bad_files": bad,
+        }
+        ImageIndex(paths, torch.cat(feats), meta).save(out)
+    return IndexReport(str(out), len(paths), skipped, bad, done, total, resumed)

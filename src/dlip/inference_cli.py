@@ -1,0 +1,189 @@
+"""`dlip caption | embed | itm | index build | search`: argparse here, torch only when a command
+runs (the command functions import dlip.inference lazily, so `dlip --help` stays light).
+
+    dlip caption IMG... --model M [--beams N] [--sample --seed S] [--json]
+    dlip embed IMG... | --text T... --model M [--out FILE.npy|FILE.safetensors] [--json]
+    dlip itm IMG TEXT --model M [--json]
+    dlip index build IMAGE_DIR --model M --out INDEX [--batch-size B] [--no-resume]
+    dlip search INDEX "a dog on a beach" [-k 10] [--rerank 50] [--model M] [--json]
+
+`--model` is required (a saved model directory or a preset name; a preset has random weights
+and says so), except for `search`, which defaults to the model recorded in the index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_MODEL_HELP = "saved model directory (or a preset name: random weights, for smoke tests)"
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help=_MODEL_HELP)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images")
+
+
+def add_inference_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("caption", help="caption images (beam search, or nucleus sampling)")
+    p.add_argument("images", nargs="+", help="image files")
+    _model_args(p)
+    p.add_argument("--beams", type=int, default=3, help="beam width (1 = greedy)")
+    p.add_argument("--max-length", type=int, default=20, help="tokens, prompt included")
+    p.add_argument("--min-length", type=int, default=5, help="tokens, prompt included")
+    p.add_argument("--prompt", default=None, help="default: the model config's prompt")
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beams")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print [{image, caption}] as JSON")
+    p.set_defaults(func="dlip.inference_cli:cmd_caption")
+
+    p = sub.add_parser("embed", help="normalised ITC embeddings of images or texts")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--text", nargs="+", default=None, help="embed these texts instead")
+    _model_args(p)
+    p.add_argument("--out", default=None, help="write (N, E) float32 to FILE.npy / .safetensors")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print {inputs, embeddings} as JSON")
+    p.set_defaults(func="dlip.inference_cli:cmd_embed")
+
+    p = sub.add_parser("itm", help="probability that an image and a text match (ITM head)")
+    p.add_argument("image")
+    p.add_argument("text")
+    _model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func="dlip.inference_cli:cmd_itm")
+
+    p = sub.add_parser("index", help="build a searchable image index")
+    actions = p.add_subparsers(dest="action", required=True)
+    b = actions.add_parser("build", help="embed every image under a directory (resumable)")
+    b.add_argument("image_dir")
+    _model_args(b)
+    b.add_argument("--out", required=True, help="index directory")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
+    b.add_argument("--no-resume", action="store_true", help="discard chunks of an earlier run")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func="dlip.inference_cli:cmd_index_build")
+
+    p = sub.add_parser("search", help="text -> image search over an index (ITC, ITM re-rank)")
+    p.add_argument("index", help="index directory (dlip index build)")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=10, help="hits to return")
+    p.add_argument("--rerank", type=int, default=None, help="re-rank the ITC top-N with ITM")
+    _model_args(p, required=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func="dlip.inference_cli:cmd_search")
+
+
+def _predictor(args: argparse.Namespace, model: str | None = None):
+    from dlip.inference import Predictor
+
+    return Predictor.load(
+        model or args.model, device=args.device, dtype=args.dtype, max_pixels=args.max_pixels
+    )
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    pred = _predictor(args)
+    caps = pred.caption(
+        args.images,
+        num_beams=args.beams,
+        max_length=args.max_length,
+        min_length=args.min_length,
+        prompt=args.prompt,
+        sample=args.sample,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    if args.json:
+        rows = [{"image": i, "caption": c} for i, c in zip(args.images, caps, strict=True)]
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+    else:
+        for image, cap in zip(args.images, caps, strict=True):
+            print(f"{image}\t{cap}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    if bool(args.images) == bool(args.text):
+        raise ValueError("give image files or --text, not both (nor neither)")
+    pred = _predictor(args)
+    if args.text:
+        inputs, feats = args.text, pred.embed_texts(args.text, batch_size=args.batch_size)
+    else:
+        inputs, feats = args.images, pred.embed_images(args.images, batch_size=args.batch_size)
+    if args.out:
+        _save_array(feats, Path(args.out))
+    if args.json:
+        print(json.dumps({"inputs": inputs, "embeddings": feats.tolist()}))
+    else:
+        where = f" -> {args.out}" if args.out else ""
+        print(f"{feats.shape[0]} embeddings of dim {feats.shape[1]}{where}")
+    return 0
+
+
+def _save_array(feats, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, feats.numpy())
+    elif out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"embeddings": feats.contiguous()}, str(out))
+    else:
+        raise ValueError(f"--out {out}: use a .npy or .safetensors file name")
+
+
+def cmd_itm(args: argparse.Namespace) -> int:
+    prob = float(_predictor(args).itm_scores(args.image, args.text)[0])
+    if args.json:
+        print(json.dumps({"image": args.image, "text": args.text, "match_probability": prob}))
+    else:
+        print(f"{prob:.4f}")
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from dlip.inference import build_index
+
+    report = build_index(
+        _predictor(args),
+        args.image_dir,
+        args.out,
+        batch_size=args.batch_size,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        chunk_size=args.chunk_size,
+    )
+    skipped = ", ".join(f"{k} {v}" for k, v in report.skipped.items()) or "none"
+    resumed = f" ({report.resumed_chunks} chunks resumed)" if report.resumed_chunks else ""
+    print(f"indexed {report.count} images into {report.out}{resumed}; skipped: {skipped}")
+    for name, reason in list(report.bad_files.items())[:10]:
+        print(f"  skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from dlip.inference import ImageIndex
+
+    index = ImageIndex.load(args.index)
+    model = args.model or index.meta.get("model")
+    if not model:
+        raise ValueError(f"{args.index} records no model: pass --model")
+    hits = _predictor(args, model).search(args.query, index, k=args.k, rerank=args.rerank)
+    if args.json:
+        print(json.dumps([vars(h) for h in hits], indent=1))
+    else:
+        for rank, h in enumerate(hits, 1):
+            itm = f"  itm {h.itm:.4f}" if h.itm is not None else ""
+            print(f"{rank:>3}  {h.score:.4f}  itc {h.itc:.4f}{itm}  {h.path}")
+    return 0

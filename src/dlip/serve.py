@@ -1,0 +1,311 @@
+"""`dlip serve`: the demo web app (FastAPI + uvicorn) over one `Predictor`.
+
+Routes: `GET /` (the page), `POST /api/caption` (multipart `image`) -> {"caption"},
+`POST /api/itm` (`image`, `text`) -> {"score"}, `GET /api/search?q=&k=` -> {"results": [{path,
+score, itc, itm, thumb}]}, `GET /api/image/{i}` (a thumbnail of the index's i-th image; only
+index entries are ever served), `GET /api/info`. Every error is `{"error": str}` with a 4xx code.
+
+Model calls run one at a time under a lock, in a worker thread, so the event loop keeps accepting
+requests (and rejecting bad ones) while a caption is being generated. fastapi / uvicorn are
+imported inside the functions that use them (the `serve` extra), so `import dlip.serve` is cheap;
+hence no `from __future__ import annotations` here: FastAPI must see the real `Request` class on
+the routes defined inside `create_app`.
+"""
+
+import argparse
+import io
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_TEXT_CHARS = 1000
+MAX_K = 100
+THUMB_SIZE = 256
+THUMB_CACHE = 512
+T = TypeVar("T")
+
+
+class UploadTooLarge(Exception):
+    """The request body grew past the upload limit while it was being read."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+class UploadLimit:
+    """ASGI middleware: 413 for a declared Content-Length over the limit (before reading it), and
+    `UploadTooLarge` from `receive` once a streamed (e.g. chunked) body passes the limit."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def counting_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise UploadTooLarge
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    async def _reject(self, send: Callable) -> None:
+        body = _error_body(f"upload too large: the limit is {self.max_bytes} bytes")
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class Service:
+    """The app's state: one predictor (calls serialized by a lock), an optional image index."""
+
+    def __init__(self, predictor: Any, index: Any | None = None) -> None:
+        self.predictor = predictor
+        self.index = index
+        self.lock = threading.Lock()
+        self.positions: dict[str, int] = {}
+        if index is not None:
+            for i in range(len(index.paths)):
+                self.positions.setdefault(index.path(i), i)
+        self._thumbs: OrderedDict[int, bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()
+
+    def locked(self, fn: Callable[[], T]) -> T:
+        with self.lock:
+            return fn()
+
+    def caption(self, image: bytes) -> str:
+        return self.locked(lambda: self.predictor.caption(image)[0])
+
+    def itm(self, image: bytes, text: str) -> float:
+        scores = self.locked(lambda: self.predictor.itm_scores(image, [text]))  # (1,)
+        return float(scores.reshape(-1)[0])
+
+    def search(self, query: str, k: int, rerank: int | None) -> list[dict]:
+        if self.index is None:
+            raise ApiError(404, "no image index loaded: start `dlip serve` with --index DIR")
+        hits = self.locked(lambda: self.predictor.search(query, self.index, k=k, rerank=rerank))
+        out = []
+        for hit in hits:
+            i = self.positions.get(str(hit.path))
+            row = {"path": str(hit.path), "score": float(hit.score), "itc": float(hit.itc)}
+            row["itm"] = None if hit.itm is None else float(hit.itm)
+            row["thumb"] = None if i is None else f"/api/image/{i}"
+            out.append(row)
+        return out
+
+    def thumbnail(self, i: int) -> bytes:
+        """JPEG thumbnail of index entry i (cached); never reads a path outside the index."""
+        if self.index is None or not 0 <= i < len(self.index.paths):
+            raise ApiError(404, f"no image {i} in the index")
+        with self._thumb_lock:
+            if i in self._thumbs:
+                self._thumbs.move_to_end(i)
+                return self._thumbs[i]
+        max_pixels = getattr(self.predictor, "max_pixels", None) or 64_000_000
+        data = _make_thumbnail(Path(self.index.path(i)), max_pixels)
+        with self._thumb_lock:
+            self._thumbs[i] = data
+            while len(self._thumbs) > THUMB_CACHE:
+                self._thumbs.popitem(last=False)
+        return data
+
+
+def _make_thumbnail(path: Path, max_pixels: int) -> bytes:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise ApiError(404, f"image {path.name} is too large to show")
+            im.draft("RGB", (THUMB_SIZE, THUMB_SIZE))  # JPEG: decode at a reduced scale
+            rgb = im.convert("RGB")
+            rgb.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ApiError(404, f"image {path.name} cannot be read: {err}") from None
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def page_html() -> str:
+    return resources.files("dlip").joinpath("assets/web/index.html").read_text(encoding="utf-8")
+
+
+async def _form_file(form: Any, name: str) -> bytes:
+    from starlette.datastructures import UploadFile
+
+    value = form.get(name)
+    if value is None:
+        raise ApiError(400, f"missing form field {name!r} (an image file upload)")
+    if not isinstance(value, UploadFile):
+        raise ApiError(400, f"form field {name!r} must be a file upload, not text")
+    data = await value.read()
+    if not data:
+        raise ApiError(400, f"form field {name!r} is an empty file")
+    return data
+
+
+def _clean_text(value: Any, name: str) -> str:
+    if value is None:
+        raise ApiError(400, f"missing field {name!r} (text)")
+    if not isinstance(value, str):
+        raise ApiError(400, f"field {name!r} must be text, not a file")
+    text = value.strip()
+    if not text:
+        raise ApiError(400, f"field {name!r} is empty")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ApiError(400, f"field {name!r} is longer than {MAX_TEXT_CHARS} characters")
+    return text
+
+
+def _int_param(
+    value: str | None, name: str, default: int | None, low: int, high: int
+) -> int | None:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ApiError(400, f"parameter {name!r} must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise ApiError(400, f"parameter {name!r} must be in [{low}, {high}], got {number}")
+    return number
+
+
+async def _run_model(fn: Callable[[], T], what: str) -> T:
+    """Run a model call in a worker thread; bad input (BadImage is a ValueError) -> 400."""
+    from PIL import Image
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        return await run_in_threadpool(fn)
+    except (ValueError, OSError, Image.DecompressionBombError) as err:
+        raise ApiError(400, f"{what}: {err}") from None
+
+
+def _install_error_handlers(app: Any) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    async def api_error(_request: Any, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    async def too_large(_request: Any, _exc: UploadTooLarge) -> JSONResponse:
+        message = f"upload too large: the limit is {app.state.max_upload_bytes} bytes"
+        return JSONResponse({"error": message}, status_code=413, headers={"connection": "close"})
+
+    async def http_error(_request: Any, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    async def invalid(_request: Any, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()]
+        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(UploadTooLarge, too_large)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+
+def create_app(
+    predictor: Any, index: Any | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+) -> Any:
+    """The FastAPI app serving `predictor` (and `index` for search)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, Response
+
+    service = Service(predictor, index)
+    app = FastAPI(title="dlip", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    app.state.max_upload_bytes = max_upload_bytes
+    _install_error_handlers(app)
+    html = page_html()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(html)
+
+    @app.get("/api/info")
+    async def info() -> dict:
+        config = getattr(predictor.model, "config", None)
+        return {
+            "model": getattr(config, "name", None),
+            "image_size": getattr(getattr(config, "vision", None), "image_size", None),
+            "index_size": None if index is None else len(index.paths),
+            "max_upload_bytes": max_upload_bytes,
+        }
+
+    @app.post("/api/caption")
+    async def caption(request: Request) -> dict:
+        image = await _form_file(await request.form(), "image")
+        return {"caption": await _run_model(lambda: service.caption(image), "field 'image'")}
+
+    @app.post("/api/itm")
+    async def itm(request: Request) -> dict:
+        form = await request.form()
+        image = await _form_file(form, "image")
+        text = _clean_text(form.get("text"), "text")
+        return {"score": await _run_model(lambda: service.itm(image, text), "field 'image'")}
+
+    @app.get("/api/search")
+    async def search(request: Request) -> dict:
+        params = request.query_params
+        query = _clean_text(params.get("q"), "q")
+        k = _int_param(params.get("k"), "k", 10, 1, MAX_K)
+        rerank = _int_param(params.get("rerank"), "rerank", None, 0, MAX_K) or None
+        results = await _run_model(lambda: service.search(query, k, rerank), "search")
+        return {"results": results}
+
+    @app.get("/api/image/{i}")
+    async def image(i: int) -> Response:
+        from starlette.concurrency import run_in_threadpool
+
+        data = await run_in_threadpool(service.thumbnail, i)
+        return Response(data, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
+
+    app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
+    return app
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dlip.inference import ImageIndex, Predictor
+
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    predictor = Predictor.load(args.model, device=args.device, dtype=args.dtype)
+    index = ImageIndex.load(args.index) if args.index else None
+    if index is not None:
+        index.check_model(predictor)  # fail at startup, not on the first search
+    app = create_app(predictor, index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    print(f"dlip serve: http://{args.host}:{args.port}/ (model {args.model})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
