@@ -1,0 +1,56 @@
+"""benchmarks/hf_speed.py runs end to end on a tiny model (no timing assertions: speed on a
+shared CPU is not a test property; parity of outputs is)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_speed.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("hf_speed", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hf_speed_runs_on_tiny_model_with_parity() -> None:
+    hf_speed = _load_script()
+    result = hf_speed.run(
+        "test_tiny",
+        image_size=32,
+        k=4,
+        embed_plan={1: (0, 1), 2: (0, 1)},
+        itm_plan=(0, 1),
+        caption_plan={2: (0, 1)},
+    )
+    rows = result["rows"]
+    assert [(r["task"], r["batch"]) for r in rows] == [
+        ("image_embed", 1),
+        ("image_embed", 2),
+        ("itm_fusion", 4),
+        ("itm_rerank", 4),
+        ("caption", 2),
+    ]
+    for row in rows:
+        assert row["repeats"] == 1 and len(row["ours_times_ms"]) == 1
+        assert row["ours_ms"] > 0 and row["hf_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["ours_ms"] / row["hf_ms"])
+        if "max_abs_diff" in row:
+            assert row["max_abs_diff"] < 1e-4, row
+    assert rows[-1]["ids_equal"] is True
+
+
+def test_time_ms_counts_warmup_apart() -> None:
+    hf_speed = _load_script()
+    calls: list[int] = []
+    stats = hf_speed.time_ms(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(stats["times_ms"]) == 3
+    assert stats["median_ms"] == sorted(stats["times_ms"])[1]
