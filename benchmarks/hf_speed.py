@@ -66,16 +66,25 @@ TEXTS = [
 ]
 
 
-def time_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any]:
-    """Median wall time of `fn` in ms over `repeats` calls after `warmup` untimed ones."""
+def time_pair(
+    ours: Callable[[], Any], hf: Callable[[], Any], warmup: int, repeats: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Median ms of `repeats` calls of each after `warmup` untimed ones, interleaved: each repeat
+    times one call of each, the order swapped
+    every repeat, so load changes on a shared machine hit both sides alike."""
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "times_ms": times}
+        ours(), hf()
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for r in range(repeats):
+        for side in (0, 1) if r % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            (ours if side == 0 else hf)()
+            times[side].append((time.perf_counter() - start) * 1e3)
+    a, b = times[0], times[1]
+    return (
+        {"median_ms": statistics.median(a), "times_ms": a},
+        {"median_ms": statistics.median(b), "times_ms": b},
+    )
 
 
 def build_pair(name: str, image_size: int, tmp: Path) -> tuple[BLIP, Any, Any]:
@@ -117,8 +126,7 @@ def embed_rows(ours: BLIP, ret: Any, size: int, plan: dict) -> list[dict]:
             return F.normalize(ret.vision_proj(tokens[:, 0]), dim=-1)  # (B, E)
 
         diff = (ours.encode_image(pixels).feat - hf_embed()).abs().max().item()
-        a = time_ms(lambda p=pixels: ours.encode_image(p), warmup, repeats)
-        b = time_ms(hf_embed, warmup, repeats)
+        a, b = time_pair(lambda p=pixels: ours.encode_image(p), hf_embed, warmup, repeats)
         rows.append(_row("image_embed", batch, warmup, repeats, a, b) | {"max_abs_diff": diff})
     return rows
 
@@ -156,11 +164,9 @@ def itm_rows(ours: BLIP, ret: Any, size: int, k: int, warmup: int, repeats: int)
         return ret(input_ids=ids, pixel_values=many, attention_mask=mask, use_itm_head=True)[0]
 
     diff = (ours_rerank() - hf_rerank()).abs().max().item()
-    a = time_ms(lambda: ours.itm_logits(image, ids, mask), warmup, repeats)
-    b = time_ms(hf_fusion, warmup, repeats)
+    a, b = time_pair(lambda: ours.itm_logits(image, ids, mask), hf_fusion, warmup, repeats)
     fusion = _row("itm_fusion", k, warmup, repeats, a, b) | {"max_abs_diff": diff}
-    a = time_ms(ours_rerank, warmup, repeats)
-    b = time_ms(hf_rerank, warmup, repeats)
+    a, b = time_pair(ours_rerank, hf_rerank, warmup, repeats)
     rerank = _row("itm_rerank", k, warmup, repeats, a, b) | {"max_abs_diff": diff}
     tokens = int(mask.sum(1).float().mean().item())
     return [row | {"k": k, "text_tokens_mean": tokens} for row in (fusion, rerank)]
@@ -185,8 +191,8 @@ def caption_rows(ours: BLIP, cap: Any, size: int, plan: dict) -> list[dict]:
             pixel_values=pixels, input_ids=hf_in, num_beams=beams, max_length=hi, min_length=lo
         )
         equal = [_cut(r, tok.sep_token_id) for r in hf_ids.tolist()] == mine
-        a = time_ms(lambda p=pixels: ours.generate(p, prompt=PROMPT, **CAPTION), warmup, repeats)
-        b = time_ms(
+        a, b = time_pair(
+            lambda p=pixels: ours.generate(p, prompt=PROMPT, **CAPTION),
             lambda p=pixels, i=hf_in: cap.generate(
                 pixel_values=p, input_ids=i, num_beams=beams, max_length=hi, min_length=lo
             ),
@@ -237,7 +243,7 @@ def main() -> None:
         "device": "cpu",
         "dtype": "float32",
         "caption": {"prompt": PROMPT, **CAPTION},
-        "statistic": "median of repeats timed calls after warmup untimed calls",
+        "statistic": "median of repeats timed calls after warmup untimed calls, ours and HF interleaved (order swapped each repeat)",
         "ratio": "ours_ms / hf_ms (< 1: dlip faster)",
         "transformers": transformers.__version__,
         **result,

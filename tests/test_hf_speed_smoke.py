@@ -48,9 +48,10 @@ def test_hf_speed_runs_on_tiny_model_with_parity() -> None:
     assert rows[-1]["ids_equal"] is True
 
 
-def test_time_ms_counts_warmup_apart() -> None:
+def test_time_pair_interleaves_and_counts_warmup_apart() -> None:
     hf_speed = _load_script()
-    calls: list[int] = []
-    stats = hf_speed.time_ms(lambda: calls.append(1), warmup=2, repeats=3)
-    assert len(calls) == 5 and len(stats["times_ms"]) == 3
-    assert stats["median_ms"] == sorted(stats["times_ms"])[1]
+    calls: list[str] = []
+    a, b = hf_speed.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), 2, 3)
+    assert calls == ["a", "b", "a", "b", "a", "b", "b", "a", "a", "b"]  # order swaps per repeat
+    assert len(a["times_ms"]) == len(b["times_ms"]) == 3
+    assert a["median_ms"] == sorted(a["times_ms"])[1]
