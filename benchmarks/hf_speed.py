@@ -70,8 +70,8 @@ def time_pair(
     ours: Callable[[], Any], hf: Callable[[], Any], warmup: int, repeats: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Median ms of `repeats` calls of each after `warmup` untimed ones, interleaved: each repeat
-    times one call of each, the order swapped
-    every repeat, so load changes on a shared machine hit both sides alike."""
+    times one call of each, the order swapped every repeat, so load changes on a shared machine
+    hit both sides alike."""
     for _ in range(warmup):
         ours(), hf()
     times: dict[int, list[float]] = {0: [], 1: []}
@@ -243,7 +243,10 @@ def main() -> None:
         "device": "cpu",
         "dtype": "float32",
         "caption": {"prompt": PROMPT, **CAPTION},
-        "statistic": "median of repeats timed calls after warmup untimed calls, ours and HF interleaved (order swapped each repeat)",
+        "statistic": (
+            "median of repeats timed calls after warmup untimed calls; ours and HF "
+            "interleaved, the order swapped each repeat"
+        ),
         "ratio": "ours_ms / hf_ms (< 1: dlip faster)",
         "transformers": transformers.__version__,
         **result,
