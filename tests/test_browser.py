@@ -17,7 +17,8 @@ import pytest
 
 import dlip
 from dlip.data.synthetic import synthesize
-from dlip.inference import Predictor, build_index
+from dlip.index import build_index
+from dlip.inference import Predictor
 
 CHROMIUM = "/usr/bin/chromium"
 PHOTO = Path(dlip.__file__).parent / "assets" / "photos" / "chelsea.jpg"

@@ -15,14 +15,8 @@ from PIL import Image
 import dlip
 from dlip.cli import main
 from dlip.data.synthetic import synthesize
-from dlip.inference import (
-    FEATURES_FILE,
-    INDEX_JSON,
-    BadImage,
-    ImageIndex,
-    Predictor,
-    build_index,
-)
+from dlip.index import FEATURES_FILE, INDEX_JSON, ImageIndex, build_index
+from dlip.inference import BadImage, Predictor
 from dlip.losses.itm import with_first_token
 from dlip.transforms import eval_transform, load_image
 

@@ -24,7 +24,8 @@ from PIL import Image
 
 import dlip
 from dlip.data.synthetic import synthesize
-from dlip.inference import ImageIndex, Predictor, build_index
+from dlip.index import ImageIndex, build_index
+from dlip.inference import Predictor
 from dlip.serve import create_app
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -1,4 +1,4 @@
-"""Inference API: `Predictor` (caption, embed, ITM, search) and the on-disk `ImageIndex`.
+"""Inference API: `Predictor` (caption, embed, ITM, search; the on-disk index is dlip.index).
 
 Inputs are paths, PIL images, HxWx3 / HxW uint8 numpy arrays or encoded bytes; a bad one raises
 `BadImage` (a ValueError) naming its index and the reason (`dlip.data.common.REASONS` names).
@@ -14,36 +14,30 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import threading
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from dlip.fileio import atomic_write_text
 from dlip.models.blip import BLIP
+
+if TYPE_CHECKING:
+    from dlip.index import ImageIndex
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | bytes
 DEFAULT_MAX_PIXELS = 64_000_000  # far above any photo, far below what exhausts memory
 TEXT_LENGTH = 35  # BLIP's eval text length
 MAX_WORDS = 30  # pre_caption word limit for queries (BLIP's retrieval)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-INDEX_JSON, FEATURES_FILE, CHUNK_DIR, PROGRESS_JSON = (
-    "index.json",
-    "features.safetensors",
-    "chunks",
-    "progress.json",
-)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _warned_presets: set[str] = set()
 
@@ -436,215 +430,3 @@ def sample_captions(
 
 
 # ------------------------------------------------------------------------------- index
-@dataclass
-class ImageIndex:
-    """Normalised image features with their files: DIR/index.json + DIR/features.safetensors."""
-
-    paths: list[str]  # relative to `root` (absolute when root is "")
-    features: Tensor  # (N, E) float32
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def path(self, i: int) -> str:
-        return str(Path(self.meta.get("root", "")) / self.paths[i])
-
-    @classmethod
-    def load(cls, path: str | Path) -> ImageIndex:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / INDEX_JSON).is_file():
-            raise FileNotFoundError(f"{path / INDEX_JSON} not found (build it: dlip index build)")
-        meta = json.loads((path / INDEX_JSON).read_text(encoding="utf-8"))
-        features = load_file(str(path / FEATURES_FILE))["features"]
-        paths = meta.pop("paths")
-        if features.shape != (len(paths), meta["embed_dim"]):
-            raise ValueError(
-                f"{path}: features {tuple(features.shape)} vs {len(paths)} paths, "
-                f"embed_dim {meta['embed_dim']}"
-            )
-        return cls(paths, features.float(), meta)
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (FEATURES_FILE + ".tmp")
-        save_file({"features": self.features.contiguous()}, str(tmp))
-        tmp.replace(path / FEATURES_FILE)
-        meta = {**self.meta, "count": len(self.paths), "paths": self.paths}
-        atomic_write_text(path / INDEX_JSON, json.dumps(meta, indent=1) + "\n")
-
-    def check_model(self, predictor: Predictor) -> None:
-        """ValueError unless `predictor` runs the model this index was built with."""
-        model = predictor.model.config
-        want = (self.meta.get("model_name"), self.meta.get("embed_dim"))
-        got = (model.name, model.embed_dim)
-        if want != got or self.meta.get("fingerprint") != predictor.fingerprint:
-            raise ValueError(
-                f"index built with model {want[0]!r} (embed_dim {want[1]}, weights "
-                f"{self.meta.get('fingerprint')}, from {self.meta.get('model')}) but the "
-                f"predictor runs {got[0]!r} (embed_dim {got[1]}, weights "
-                f"{predictor.fingerprint}): rebuild the index or load its model"
-            )
-
-
-@dataclass
-class IndexReport:
-    out: str
-    count: int  # images in the index (so far, when incomplete)
-    skipped: dict[str, int]  # bad files by reason
-    bad_files: dict[str, str]  # relative path -> reason
-    chunks_done: int
-    chunks_total: int
-    resumed_chunks: int  # chunks found complete from an earlier run
-
-    @property
-    def complete(self) -> bool:
-        return self.chunks_done == self.chunks_total
-
-
-def list_images(image_dir: str | Path) -> list[str]:
-    """Image files under `image_dir` (recursive, sorted), as posix paths relative to it."""
-    root = Path(image_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image directory not found: {root}")
-    return sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-
-
-def _embed_chunk(
-    predictor: Predictor, root: Path, names: list[str], batch_size: int, tick: Callable
-) -> tuple[Tensor, list[str], dict[str, str]]:
-    """Features of the readable files among `names`; the others are returned with a reason."""
-    feats = [torch.zeros(0, predictor.model.config.embed_dim)]
-    kept: list[str] = []
-    bad: dict[str, str] = {}
-    for start in range(0, len(names), batch_size):
-        batch = names[start : start + batch_size]
-        pixels = []
-        for name in batch:
-            try:
-                pixels.append(predictor.transform(to_pil(root / name, predictor.max_pixels)))
-                kept.append(name)
-            except BadImage as err:
-                bad[name] = err.reason
-        if pixels:
-            with predictor._run():
-                px = torch.stack(pixels).to(predictor.device, predictor.dtype)
-                feats.append(predictor.model.encode_image(px).feat.float().cpu())  # (B, E)
-        tick(len(batch))
-    return torch.cat(feats), kept, bad
-
-
-def _write_chunk(path: Path, feats: Tensor, kept: list[str], bad: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    meta = {"paths": json.dumps(kept), "bad": json.dumps(bad)}
-    save_file({"features": feats.contiguous()}, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a killed build never leaves a half chunk
-
-
-def _read_chunk(path: Path) -> tuple[Tensor, list[str], dict[str, str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        return f.get_tensor("features"), json.loads(meta["paths"]), json.loads(meta["bad"])
-
-
-def _build_state(predictor: Predictor, root: Path, files: list[str], chunk_size: int) -> dict:
-    """What a resumed build must share with the run that wrote the chunks."""
-    listing = hashlib.sha1("\n".join(files).encode()).hexdigest()
-    return {
-        "root": str(root),
-        "files_sha1": listing,
-        "n_files": len(files),
-        "chunk_size": chunk_size,
-        "model_name": predictor.model.config.name,
-        "fingerprint": predictor.fingerprint,
-    }
-
-
-def _resume_point(out: Path, state: dict, resume: bool) -> int:
-    """Chunks already complete in `out` (0 without resume); ValueError if they are foreign."""
-    progress = out / PROGRESS_JSON
-    if not resume or not progress.is_file():
-        for old in (out / CHUNK_DIR).glob("*.safetensors"):
-            old.unlink()
-        return 0
-    prev = json.loads(progress.read_text(encoding="utf-8"))
-    diff = [k for k in state if prev.get(k) != state[k]]
-    if diff:
-        raise ValueError(
-            f"{out} holds a partial index of other inputs ({', '.join(diff)} differ): "
-            "use another --out or resume=False (--no-resume) to start over"
-        )
-    done = int(prev["done"])
-    while done and not (out / CHUNK_DIR / f"{done - 1:05d}.safetensors").is_file():
-        done -= 1  # a chunk removed by hand: redo it
-    return done
-
-
-def build_index(
-    predictor: Predictor,
-    image_dir: str | Path,
-    out: str | Path,
-    batch_size: int = 32,
-    resume: bool = True,
-    progress: bool = True,
-    chunk_size: int = 1024,
-    max_chunks: int | None = None,
-) -> IndexReport:
-    """Embed every image under `image_dir` into an ImageIndex at `out`, resumably.
-
-    Images go in chunks of `chunk_size` files, each written atomically to out/chunks/NNNNN +
-    out/progress.json; a rerun continues after the last complete chunk. Unreadable files are
-    skipped and counted. `max_chunks` stops after that many new chunks (incremental builds);
-    index.json + features.safetensors are written once every chunk is done.
-    """
-    from tqdm import tqdm
-
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"batch_size and chunk_size must be >= 1 ({batch_size}, {chunk_size})")
-    root, out = Path(image_dir).resolve(), Path(out)
-    files = list_images(root)
-    state = _build_state(predictor, root, files, chunk_size)
-    done = resumed = _resume_point(out, state, resume)
-    total = -(-len(files) // chunk_size)
-    bar = tqdm(total=len(files), initial=min(done * chunk_size, len(files)), disable=not progress)
-    with bar:
-        while done < total and (max_chunks is None or done - resumed < max_chunks):
-            names = files[done * chunk_size : (done + 1) * chunk_size]
-            chunk = _embed_chunk(predictor, root, names, batch_size, bar.update)
-            _write_chunk(out / CHUNK_DIR / f"{done:05d}.safetensors", *chunk)
-            done += 1
-            atomic_write_text(out / PROGRESS_JSON, json.dumps({**state, "done": done}, indent=1))
-    feats, paths, bad = [torch.zeros(0, predictor.model.config.embed_dim)], [], {}
-    for c in range(done):
-        f, p, b = _read_chunk(out / CHUNK_DIR / f"{c:05d}.safetensors")
-        feats.append(f)
-        paths += p
-        bad.update(b)
-    skipped = dict(sorted(Counter(bad.values()).items()))
-    if done == total:
-        meta = {
-            "model": predictor.spec,
-            "model_name": predictor.model.config.name,
-            "embed_dim": predictor.model.config.embed_dim,
-            "image_size": predictor.model.config.vision.image_size,
-            "fingerprint": predictor.fingerprint,
-            "root": str(root),
-            "skipped": skipped,
-            "bad_files": bad,
-        }
-        ImageIndex(paths, torch.cat(feats), meta).save(out)
-    return IndexReport(str(out), len(paths), skipped, bad, done, total, resumed)

@@ -153,7 +153,7 @@ def cmd_itm(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from dlip.inference import build_index
+    from dlip.index import build_index
 
     report = build_index(
         _predictor(args),
@@ -173,7 +173,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from dlip.inference import ImageIndex
+    from dlip.index import ImageIndex
 
     index = ImageIndex.load(args.index)
     model = args.model or index.meta.get("model")

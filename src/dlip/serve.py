@@ -297,7 +297,8 @@ def create_app(
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from dlip.inference import ImageIndex, Predictor
+    from dlip.index import ImageIndex
+    from dlip.inference import Predictor
 
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
