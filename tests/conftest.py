@@ -10,6 +10,16 @@ from dlip.config import ModelConfig
 from dlip.models.presets import get_config
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures(...)`):
+    more only cost time at tiny sizes and thrash on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory):
     """A teacher a little wider and deeper than test_tiny, saved as a dlip model."""

@@ -39,12 +39,7 @@ CLS_ID, DEC_ID, ENC_ID = 101, 30522, 30523
 ALL_ON = KDConfig(weights=dict.fromkeys(KD_TERMS, 1.0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------- independent reference math

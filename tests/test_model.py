@@ -84,13 +84,7 @@ def first_ids(model: BLIP) -> tuple[int, int, int]:
     return (CLS_ID, ENC_ID, DEC_ID) if v > ENC_ID else (1, 2, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Intra-op threads only cost time at these sizes (and thrash on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

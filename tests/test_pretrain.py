@@ -25,12 +25,7 @@ from dlip.train.pretrain import build_task, load_teacher, main
 KD_ON = list(KD_TERMS)  # every term, each weight 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -477,6 +477,21 @@ def synthesize(
     )
 
 
+def synthesize_once(out_dir: Path | str, n_images: int, seed: int, image_size: int) -> Path:
+    """`synthesize` into `out_dir` unless a complete set is there (its manifest.jsonl, written
+    last); under torch.distributed rank 0 builds and every rank waits. Returns `out_dir`."""
+    from dlip.train.distributed import is_dist, is_main_process
+
+    out = Path(out_dir)
+    if is_main_process() and not (out / "manifest.jsonl").is_file():
+        synthesize(out, n_images, seed=seed, image_size=image_size, overwrite=True)
+    if is_dist():
+        import torch.distributed as dist
+
+        dist.barrier()
+    return out
+
+
 def _write_annotations(
     out_dir: Path, records: list[dict], train: list[dict], evals: dict[str, list[dict]]
 ) -> tuple[Path, ...]:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from dlip.config import TextConfig
 from dlip.models.blip import BLIP
-from dlip.models.io import alias_map
+from dlip.models.io import alias_map, key_problems
 from dlip.models.vision import resize_pos_embed
 
 # Classifier-only tensors of timm / DeiT checkpoints: not part of a feature-extracting tower.
@@ -173,20 +173,7 @@ def _resize_timm_pos(state: dict[str, Tensor], grid: int, path: str | Path) -> l
 
 
 def _check_strict(own: Mapping[str, Tensor], state: Mapping[str, Tensor], path) -> None:
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs student {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if state[k].shape != own[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    if shapes:
-        problems.append(f"shape mismatches ({len(shapes)}): {shapes}")
+    problems = key_problems(own, state, owner="student")
     if problems:
         raise ValueError(
             f"model.init=timm:{path} does not match the student's vision tower:\n  "

@@ -6,6 +6,7 @@ under their canonical name (the first in `named_parameters`); loading is strict.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -39,16 +40,16 @@ def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {n: state[n].detach().contiguous() for n, c in alias_map(model).items() if n == c}
 
 
-def load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load `state` (canonical names) into `model`; any mismatch is an error naming the keys."""
-    aliases = alias_map(model)
-    expected = {c for c in aliases.values()}
-    own = model.state_dict()
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
+def key_problems(
+    own: Mapping[str, Tensor], state: Mapping[str, Tensor], owner: str = "model"
+) -> list[str]:
+    """What keeps `state` from loading strictly into `own`: missing and unexpected keys and
+    shape mismatches, one line each (empty when it fits)."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(expected & set(state))
+        f"{k}: checkpoint {tuple(state[k].shape)} vs {owner} {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
         if state[k].shape != own[k].shape
     ]
     problems = []
@@ -58,6 +59,14 @@ def load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None
         problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {shapes}")
+    return problems
+
+
+def load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load `state` (canonical names) into `model`; any mismatch is an error naming the keys."""
+    aliases = alias_map(model)
+    own = model.state_dict()
+    problems = key_problems({c: own[c] for c in aliases.values()}, state)
     if problems:
         raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
     full = {name: state[canon] for name, canon in aliases.items()}

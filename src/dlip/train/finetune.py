@@ -81,22 +81,6 @@ def build_task(cfg: FinetuneConfig, teacher: BLIP | None = None) -> PretrainTask
     return PretrainTask(cfg, student, teacher, adapters, cfg.objectives, prompt_length=plen)
 
 
-def _synth_if_absent(cfg: FinetuneConfig, image_size: int) -> None:
-    from dlip.data.synthetic import synthesize
-    from dlip.train.distributed import is_dist, is_main_process
-
-    d = cfg.data
-    if d.synth_dir is None:
-        return
-    if is_main_process() and not (Path(d.synth_dir) / "test.json").is_file():
-        size = d.image_size_synth or image_size
-        synthesize(d.synth_dir, d.synth_images, seed=cfg.run.seed, image_size=size, overwrite=True)
-    if is_dist():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def train_rows(cfg: FinetuneConfig) -> list[dict[str, Any]]:
     """Rows of every train file: Karpathy json (joined to the image root) or manifest jsonl.
     Missing images and empty captions are skipped and counted (printed), as `dlip data`."""
@@ -124,10 +108,13 @@ def train_rows(cfg: FinetuneConfig) -> list[dict[str, Any]]:
 def build_loader(cfg: FinetuneConfig, model_config: Any) -> DataLoader:
     from dlip.data.datasets import CaptionTrainDataset, RetrievalTrainDataset
     from dlip.data.loader import make_loader
+    from dlip.data.synthetic import synthesize_once
     from dlip.transforms import train_transform
 
-    _synth_if_absent(cfg, model_config.vision.image_size)
     d = cfg.data
+    if d.synth_dir is not None:
+        size = d.image_size_synth or model_config.vision.image_size
+        synthesize_once(d.synth_dir, d.synth_images, cfg.run.seed, size)
     transform = train_transform(model_config, d.min_scale, d.rand_augment, d.hflip)
     rows = train_rows(cfg)
     if cfg.task == "retrieval":

@@ -181,16 +181,10 @@ def build_loader(cfg: PretrainConfig, image_config) -> DataLoader:
     d = cfg.data
     manifests = [Path(m) for m in d.manifests]
     if d.synth_dir is not None:
-        synth = Path(d.synth_dir)
-        if is_main_process() and not (synth / "manifest.jsonl").is_file():
-            from dlip.data.synthetic import synthesize
+        from dlip.data.synthetic import synthesize_once
 
-            synthesize(
-                synth, d.synth_images, seed=cfg.run.seed,
-                image_size=image_config.vision.image_size, overwrite=True,
-            )  # fmt: skip
-        if is_dist():
-            dist.barrier()
+        size = image_config.vision.image_size
+        synth = synthesize_once(d.synth_dir, d.synth_images, cfg.run.seed, size)
         manifests.insert(0, synth / "manifest.jsonl")
     transform = train_transform(image_config, d.min_scale, d.rand_augment, d.hflip)
     shard_dirs = check_sources(manifests)  # dirs and jsonl files mixed: ValueError
