@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test demo lint format clean
+.PHONY: test demo lint format clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +13,8 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 
-$(VENV)/.base-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e .
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[demo]"
 	touch $@
 
 lint: $(VENV)/.dev-installed
@@ -24,8 +24,16 @@ lint: $(VENV)/.dev-installed
 test: lint
 	$(BIN)/python -m pytest -q
 
-demo: $(VENV)/.base-installed
+demo: $(VENV)/.demo-installed
 	$(BIN)/dlip demo
+
+# Re-measure size, latency (CPU, one thread) and dlip vs transformers, then re-render the tables
+# of docs/benchmarks.md from benchmarks/results/*.json (the slow eval / training / KD results are
+# rendered from their stored JSON; their scripts are in benchmarks/).
+bench: $(VENV)/.dev-installed
+	OMP_NUM_THREADS=1 $(BIN)/dlip bench all --threads 1
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/hf_speed.py --threads 1
+	$(BIN)/python benchmarks/report.py
 
 format: $(VENV)/.dev-installed
 	$(BIN)/ruff format src tests benchmarks

@@ -31,16 +31,8 @@ def test_convert_hf_dir_without_config(tmp_path, capsys):
     assert "config.json not found" in capsys.readouterr().err
 
 
-def test_demo_runs_on_a_bundled_photo(capsys):
-    assert main(["demo", "--teacher", "test_tiny", "--student", "test_tiny"]) == 0
-    out = capsys.readouterr().out
-    assert "photo: chelsea.jpg" in out
-    assert out.count("caption (3 beams)") == 2 and out.count("ITM match prob.") == 2
-    assert "student / teacher: params 100.0%" in out
-
-
 def test_bundled_photos_are_real_images():
-    from dlip.demo import PHOTOS, bundled_photo
+    from dlip.demo.measure import PHOTOS, bundled_photo
     from dlip.transforms import load_image
 
     for name in PHOTOS:

@@ -15,7 +15,10 @@ What is counted (stated once, used everywhere):
 - FLOPs come from torch.utils.flop_counter (a multiply-add counts 2), batch 1:
   `image_embed` = encode_image; `text_embed` = encode_text of `text_len` tokens; `itm_pair` =
   image-grounded encoder + ITM head for one pair given the image tokens; `caption_token` = one
-  decoder step with the KV cache holding `text_len - 1` tokens and the image keys/values.
+  decoder step with the KV cache holding `text_len - 1` tokens and the image keys/values;
+  `caption_3beam` = one whole caption as `BLIP.generate` runs it with BLIP's settings (3 beams,
+  max_length 20, min_length 5), counted at a fixed length of 20 tokens (prompt included) so the
+  number is deterministic: see `caption_flops`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dlip.config import ModelConfig
 from dlip.models.blip import BLIP
@@ -107,6 +110,62 @@ def meta_model(config: ModelConfig) -> BLIP:
         return BLIP(config).eval()
 
 
+def _prompt_len(config: ModelConfig) -> int:
+    """Tokens of [DEC] + the model's caption prompt, as `generate` feeds them."""
+    from dlip.models.generation import prompt_ids
+    from dlip.tokenizer import get_tokenizer
+
+    return prompt_ids(get_tokenizer(), config.prompt, 1, torch.device("cpu")).shape[1]
+
+
+@torch.no_grad()
+def caption_flops(
+    model: BLIP, image_tokens: Tensor, num_beams: int = 3, caption_len: int = 20
+) -> int:
+    """FLOPs of one beam-search caption of `caption_len` tokens (prompt included), excluding
+    the image encoder (the caller adds `image_embed`).
+
+    Beam search is data-dependent (top-k, stopping), which the meta device cannot run, so the
+    count is composed from the decoder calls `dlip.models.generation.beam_search` makes when no
+    beam stops early: the prompt step at batch `num_beams` (each beam holds a copy of the
+    image's tokens, so the cross-attention keys/values are projected `num_beams` times), then
+    one KV-cached step per further token at batch `num_beams`, the self-attention cache holding
+    prompt_len, ..., caption_len - 2 tokens; the LM head runs on the last position of each call.
+    A cached step's FLOPs are affine in the cache length (only the self-attention scores and
+    weighted sum grow with it), so two steps are counted and the rest follow exactly; the
+    meta-device counter is slow per call. Search bookkeeping (log-softmax, top-k, cache
+    reordering) has no matmuls and counts 0. With BLIP's max_length 20 this is the longest
+    caption's cost; one that ends early costs less. tests/test_bench_flops.py checks the
+    composition against counting a real `generate` on CPU.
+    """
+    cfg = model.config
+    prompt_len = _prompt_len(cfg)
+    if caption_len <= prompt_len + 1:
+        raise ValueError(
+            f"caption_len {caption_len} leaves under two tokens after a {prompt_len}-token prompt"
+        )
+    dev = image_tokens.device
+    image = image_tokens[:1].detach().expand(num_beams, -1, -1)  # (K, N, Dv)
+    ids = torch.full((num_beams, prompt_len), 1037, dtype=torch.long, device=dev)  # (K, L0)
+    cache = KVCache.empty(cfg.text.num_layers)
+
+    def call(new_ids: Tensor, image: Tensor | None, step_cache: KVCache) -> None:
+        past = step_cache.length
+        mask = torch.ones(num_beams, past + new_ids.shape[1], dtype=torch.long, device=dev)
+        states = model.decode(image, new_ids, mask, cache=step_cache).tokens[:, -1:]  # (K, 1, Dt)
+        model.text_decoder.cls(states)
+
+    def step() -> None:  # one new token per beam, on a copy of the cache (left as it was)
+        call(ids[:, :1], None, KVCache(list(cache.self_kv), list(cache.cross_kv)))
+
+    total = _flops(lambda: call(ids, image, cache))  # prompt step; fills the cache
+    first = _flops(step)  # cache holds prompt_len tokens
+    call(ids[:, :1], None, cache)  # grow the cache by one token (not counted)
+    slope = _flops(step) - first
+    steps = range(caption_len - 1 - prompt_len)  # cache lengths prompt_len + s
+    return total + sum(first + slope * s for s in steps)
+
+
 @torch.no_grad()
 def flop_counts(config: ModelConfig, text_len: int = 30) -> dict[str, int]:
     """Forward FLOPs at batch 1 (see module docstring).
@@ -136,6 +195,7 @@ def flop_counts(config: ModelConfig, text_len: int = 30) -> dict[str, int]:
             model.text_decoder.cls(states)
 
         out["caption_token"] = _flops(step)
+        out["caption_3beam"] = out["image_embed"] + caption_flops(model, image_tokens)
     return out
 
 

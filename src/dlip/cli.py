@@ -12,6 +12,7 @@ dlip eval retrieval|caption --model DIR --data JSON --images ROOT --out DIR
 dlip caption|embed|itm|index build|search ...  (inference: dlip.inference.Predictor)
 dlip serve --model M [--index DIR] --port P [--host 127.0.0.1]
 dlip export onnx MODEL --out DIR [--opset N] [--image-size N] [--atol 1e-4]
+dlip bench size|latency|all [--out-dir benchmarks/results] [--models ...] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -144,11 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func="dlip.models.convert:cmd_convert")
 
-    p = sub.add_parser("demo", help="teacher vs student on a bundled photo (no downloads)")
-    p.add_argument("--teacher", default="blip_base")
-    p.add_argument("--student", default="dlip_small")
-    p.add_argument("--photo", default="chelsea", choices=["chelsea", "astronaut", "coffee"])
-    p.add_argument("--text", default="a cat lying on a blanket")
+    p = sub.add_parser(
+        "demo", help="distil a teacher into a student on synthetic data, evaluate, report (CPU)"
+    )
+    from dlip.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
     p.set_defaults(func="dlip.demo:cmd_demo")
 
     p = sub.add_parser("pretrain", help="distillation pretraining (one process or torchrun)")
@@ -187,6 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (max abs diff)")
     q.add_argument("--graphs", default=None, help="comma list (default: all the model has)")
     q.set_defaults(func="dlip.export:cmd_export")
+
+    p = sub.add_parser(
+        "bench",
+        help="params/FLOPs per task, latency teacher vs students -> JSON records",
+        description="size: params and FLOPs of the presets at 224/384 px vs blip_base. latency: "
+        "one run, warm-up then medians: image embedding, ITM re-rank of k texts, 3-beam captions.",
+    )
+    p.add_argument("what", choices=["size", "latency", "all"])
+    p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON records go")
+    p.add_argument(
+        "--models",
+        default="blip_base,dlip_base,dlip_small,dlip_tiny",
+        help="latency: presets to time (size counts every preset but test_tiny)",
+    )
+    p.add_argument("--teacher", default="blip_base", help="latency speed-ups are against this")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: bf16 autocast)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per row (all rows)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per row (all rows)")
+    p.set_defaults(func="dlip.benchmarks.cli:cmd_bench")
 
     from dlip.data.cli import add_data_parser
     from dlip.eval.cli import add_eval_parser

@@ -111,9 +111,11 @@ def close_meteor(meteor: Any) -> None:
         proc.wait()
 
 
+_SESSIONS: list[Any] = []  # the Meteor of each open meteor_session(), innermost last
+
+
 @contextmanager
-def meteor_scorer() -> Iterator[Any]:
-    """pycocoevalcap's Meteor, its java subprocess closed on exit (also on error)."""
+def _new_meteor() -> Iterator[Any]:
     from pycocoevalcap.meteor.meteor import Meteor
 
     require_java()
@@ -122,6 +124,29 @@ def meteor_scorer() -> Iterator[Any]:
         yield meteor
     finally:
         close_meteor(meteor)
+
+
+@contextmanager
+def meteor_session() -> Iterator[Any]:
+    """One METEOR java process for every scoring call inside the block (a fresh one loads its
+    paraphrase tables for ~20 s: the demo's six caption evaluations share one)."""
+    with _new_meteor() as meteor:
+        _SESSIONS.append(meteor)
+        try:
+            yield meteor
+        finally:
+            _SESSIONS.remove(meteor)
+
+
+@contextmanager
+def meteor_scorer() -> Iterator[Any]:
+    """pycocoevalcap's Meteor, its java subprocess closed on exit (also on error); inside a
+    `meteor_session()`, that session's process."""
+    if _SESSIONS:
+        yield _SESSIONS[-1]
+        return
+    with _new_meteor() as meteor:
+        yield meteor
 
 
 def _score_tokenized(gts: dict[str, list[str]], res: dict[str, list[str]]) -> dict[str, float]:

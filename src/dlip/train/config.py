@@ -52,12 +52,18 @@ class ModelSection:
     # "random"; "inherit": copy teacher weights where shapes allow (every k-th layer when the
     # student is shallower); "timm:PATH": a timm/DeiT ViT checkpoint file for the vision tower.
     init: str = "random"
+    # Initial ITC temperature (None: BLIP's 0.07, or what `init` copied). Tiny towers trained
+    # from scratch first collapse to identical features; 0.3 halves that plateau (docs/demo.md).
+    temp_init: float | None = None
     grad_checkpointing: bool = False  # recompute block activations in backward (both towers)
 
     def __post_init__(self) -> None:
         _check_types(self, "model")
         if self.image_size is not None:
             _require(self.image_size > 0, "model.image_size", self.image_size, "> 0")
+        if self.temp_init is not None:
+            _require(0.001 <= self.temp_init <= 0.5, "model.temp_init", self.temp_init,
+                     "in [0.001, 0.5] (the clamp of the learnable temperature)")  # fmt: skip
         if self.init not in ("random", "inherit") and not re.fullmatch(r"timm:.+", self.init):
             raise ConfigError(
                 f"model.init={self.init!r}: use 'random', 'inherit' or 'timm:PATH' "

@@ -272,6 +272,9 @@ def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask
         adapters = KDAdapters.build(cfg.kd_config(), student_config, teacher.config)
     student = create_model(student_config)
     apply_init(student, cfg.model.init, teacher)  # before the momentum copy in PretrainTask
+    if cfg.model.temp_init is not None and student.config.has_encoder:
+        with torch.no_grad():
+            student.temp.fill_(cfg.model.temp_init)
     student.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return PretrainTask(cfg, student, teacher, adapters)
 

@@ -1,0 +1,325 @@
+"""Rewrite the tables of docs/benchmarks.md from benchmarks/results/*.json.
+
+    python benchmarks/report.py [--doc docs/benchmarks.md] [--results benchmarks/results]
+        [--check]
+
+The doc's prose is hand-written; each table sits in a marked region
+
+    <!-- table:NAME -->
+    ...generated...
+    <!-- /table -->
+
+and only those regions are replaced: NAME picks a renderer (RENDERERS) and the JSON it reads.
+Every rendered region starts with the machine, versions and date taken from its JSON. A region
+whose JSON is missing is left as it is (reported on stderr); an unknown NAME is an error.
+`--check` exits 1 when the doc is not what the JSON files render (nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REGION = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+# DLIP's headline (arXiv 2308.12956), for the latency records, which do not carry it.
+DLIP = {"params": 0.224, "flops": 0.248, "speedup": 2.7}
+TASK_NAMES = {
+    "image_embed": "image embedding",
+    "itm_rerank": "ITM re-rank",
+    "caption": "caption, 3 beams",
+}
+
+
+# ------------------------------------------------------------------------------- formatting
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def num(value: float) -> str:
+    """Three significant-ish digits without scientific notation for timings and rates."""
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
+def pct(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def machine_line(record: dict) -> str:
+    m = record["machine"]
+    gpu = "no GPU" if m.get("gpu", "none") == "none" else f"GPU {m['gpu']}"
+    return (
+        f"*Machine: {m['cpu']}, {m['cpu_count']} cores, torch threads {m['torch_threads']}, "
+        f"{gpu}; {m['platform']}; Python {m['python']}, torch {m['torch']}, dlip {m['dlip']}; "
+        f"run {record.get('date', '?')}.*"
+    )
+
+
+# ------------------------------------------------------------------------------- size
+def _size_table(record: dict, size: int) -> str:
+    header = ["model", "retrieval params", "captioning params", "total params"]
+    header += ["image embed", "text embed", "ITM pair", "caption token", "3-beam caption"]
+    rows = []
+    for r in record["models"]:
+        if r["image_size"] != size:
+            continue
+        p, f = r["params"], r["flops"]
+        cells = [f"{p[k] / 1e6:.1f}M" for k in ("retrieval", "captioning", "total")]
+        keys = ("image_embed", "text_embed", "itm_pair", "caption_token", "caption_3beam")
+        cells += [f"{f[k] / 1e9:.2f}" if k in f else "" for k in keys]
+        rows.append([r["name"], *cells])
+    return f"**{size} px** (FLOPs in GFLOPs, batch 1)\n\n" + table(header, rows)
+
+
+def size_tables(record: dict) -> str:
+    sizes = sorted({r["image_size"] for r in record["models"]})
+    return "\n\n".join(_size_table(record, s) for s in sizes)
+
+
+def size_ratios(record: dict) -> str:
+    teacher = record["teacher"]
+    refs = {r["image_size"]: r for r in record["models"] if r["name"] == teacher}
+    header = ["model", "px", "retrieval params", "total params", "image embed FLOPs"]
+    header += ["embed FLOPs (image + text)", "ITM pair FLOPs", "3-beam caption FLOPs"]
+    rows = []
+    for r in record["models"]:
+        if r["name"] == teacher:
+            continue
+        v, f, ref = r["vs_teacher"], r["flops"], refs[r["image_size"]]["flops"]
+        embed = (f["image_embed"] + f["text_embed"]) / (ref["image_embed"] + ref["text_embed"])
+        cells = [v.get("params.retrieval"), v.get("params.total"), v.get("flops.image_embed")]
+        cells += [embed, v.get("flops.itm_pair"), v.get("flops.caption_3beam")]
+        rows.append([r["name"], str(r["image_size"]), *map(pct, cells)])
+    pub = record.get("published")
+    if pub:
+        rows.append(
+            ["*DLIP paper*", "?", f"*{pub['params']:.1%}*", "", "", f"*{pub['flops']:.1%}*"]
+        )
+        rows[-1] += ["", ""]
+    return f"Relative to {teacher}.\n\n" + table(header, rows)
+
+
+# ------------------------------------------------------------------------------- latency
+def latency_table(record: dict) -> str:
+    header = ["model", "task", "batch / k", "warmup", "repeats", "median ms", "p95 ms"]
+    header += ["per item ms", "items/s"]
+    rows = [
+        [
+            r["model"],
+            TASK_NAMES.get(r["task"], r["task"]),
+            str(r["batch"]),
+            str(r["warmup"]),
+            str(r["repeats"]),
+            num(r["median_ms"]),
+            num(r["p95_ms"]),
+            num(r["per_item_ms"]),
+            num(r["items_per_s"]),
+        ]
+        for r in record["rows"]
+    ]
+    note = (
+        f"{record['device']}, {record['dtype']}, {record['image_size']} px, "
+        f"weights {record['weights']}; whole run {record['total_seconds']:.0f} s."
+    )
+    return note + "\n\n" + table(header, rows)
+
+
+def speedup_table(record: dict) -> str:
+    teacher = record["teacher"]
+    params = {r["model"]: r["params"] for r in record["rows"]}
+    keys = list(dict.fromkeys(f"{r['task']}@{r['batch']}" for r in record["rows"]))
+    labels = []
+    for key in keys:
+        task, n = key.split("@")
+        labels.append(
+            f"{TASK_NAMES.get(task, task)} ({'k' if task == 'itm_rerank' else 'batch'} {n})"
+        )
+    rows = []
+    for model, ratios in record["speedup_vs_teacher"].items():
+        cells = [f"{ratios[k]:.2f}x" if k in ratios else "" for k in keys]
+        rows.append([model, pct(params[model] / params[teacher]), *cells])
+    paper = [f"*{DLIP['params']:.1%}*", f"*{DLIP['speedup']}x* (task, protocol unpublished)"]
+    rows.append(["*DLIP paper*", *paper, *[""] * (len(keys) - 1)])
+    return f"Speed-up = {teacher} median / model median, same run.\n\n" + table(
+        ["model", "params vs teacher", *labels], rows
+    )
+
+
+# ------------------------------------------------------------------------------- older runs
+def eval_rerank(record: dict) -> str:
+    r = record["rerank_vs_loop"]
+    header = ["method", "pairs scored", "seconds", "speed-up", "max abs score diff", "same order"]
+    rows = [
+        ["loop (pair by pair)", str(r["loop_pairs"]), f"{r['loop_seconds']:.3f}", "1.00x", "", ""],
+        [
+            "batched, unique pairs",
+            str(r["batched_unique_pairs"]),
+            f"{r['batched_seconds']:.3f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['max_abs_score_diff']:.1e}",
+            str(r["same_top_k_order"]).lower(),
+        ],
+    ]
+    note = (
+        f"{r['model']}, {r['image_size']} px, {r['num_images']} images x {r['num_texts']} texts, "
+        f"k = {r['k']}, itm_batch {r['itm_batch']}, {r['torch_threads']} thread(s)."
+    )
+    return note + "\n\n" + table(header, rows)
+
+
+def eval_itm(record: dict) -> str:
+    rows, first = [], None
+    for r in record["itm_throughput"].values():
+        first = first or r
+        rows.append(
+            [
+                r["model"].split(" ")[0],
+                f"{r['params'] / 1e6:.1f}M",
+                str(r["unique_pairs"]),
+                f"{r['seconds']:.3f}",
+                f"{r['pairs_per_s']:.2f}",
+            ]
+        )
+    note = (
+        f"{first['image_size']} px, {first['num_images']} images x {first['num_texts']} texts, "
+        f"k = {first['k']}, itm_batch {first['itm_batch']}, {first['torch_threads']} thread(s)."
+    )
+    return note + "\n\n" + table(["model", "params", "unique pairs", "seconds", "pairs/s"], rows)
+
+
+def eval_caption(record: dict) -> str:
+    rows = [
+        [
+            m["model"],
+            f"{m['params'] / 1e6:.1f}M",
+            f"{m['seconds_per_pass']:.2f}",
+            f"{m['images_per_s']:.3f}",
+            f"{m.get('speedup_vs_teacher', 1.0):.2f}x",
+        ]
+        for m in record["models"]
+    ]
+    header = ["model", "params", f"seconds per pass ({record['images']} images)", "images/s"]
+    return table([*header, "speed-up"], rows)
+
+
+def train_throughput(record: dict) -> str:
+    header = ["configuration", "trainable params", "s/step (median)", "samples/s"]
+    header += ["peak RSS GiB", "KD overhead"]
+    rows = [
+        [
+            c["name"],
+            f"{c['trainable_params'] / 1e6:.1f}M",
+            f"{c['seconds_per_step']:.2f}",
+            f"{c['samples_per_s']:.3f}",
+            f"{c['peak_memory_gib']:.2f}",
+            f"{c['kd_overhead_x']:.2f}x" if "kd_overhead_x" in c else "-",
+        ]
+        for c in record["configurations"]
+    ]
+    return table(header, rows)
+
+
+def hf_speed(record: dict) -> str:
+    header = ["task", "batch", "warmup", "repeats", "dlip ms", "transformers ms"]
+    header += ["dlip / transformers", "parity"]
+    rows = []
+    for r in record["rows"]:
+        if "ids_equal" in r:
+            parity = f"ids equal: {r['ids_equal']}"
+        else:
+            parity = f"max abs diff {r['max_abs_diff']:.1e}"
+        rows.append(
+            [
+                r["task"],
+                str(r["batch"]),
+                str(r["warmup"]),
+                str(r["repeats"]),
+                num(r["ours_ms"]),
+                num(r["hf_ms"]),
+                f"{r['ratio']:.2f}",
+                parity,
+            ]
+        )
+    note = f"transformers {record['transformers']}; whole run {record['total_seconds']:.0f} s."
+    return note + "\n\n" + table(header, rows)
+
+
+def kd_experiment(record: dict) -> str:
+    names = {"teacher": "teacher", "student_kd": "student with KD"}
+    names["student_nokd"] = "student without KD"
+    rows = [
+        [
+            label,
+            f"{record[key]['params'] / 1e6:.1f}M",
+            f"{record[key]['loss_itc']:.3f}",
+            f"{record[key]['loss_itm']:.3f}",
+            f"{record[key]['loss_lm']:.3f}",
+        ]
+        for key, label in names.items()
+    ]
+    return table(["model", "params", "ITC loss", "ITM loss", "LM loss"], rows)
+
+
+# region name -> (results file, renderer)
+RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "size": ("model_size.json", size_tables),
+    "size_ratios": ("model_size.json", size_ratios),
+    "latency_cpu": ("latency_cpu.json", latency_table),
+    "speedup_cpu": ("latency_cpu.json", speedup_table),
+    "latency_cuda": ("latency_cuda.json", latency_table),
+    "speedup_cuda": ("latency_cuda.json", speedup_table),
+    "eval_rerank": ("eval_retrieval_cpu.json", eval_rerank),
+    "eval_itm": ("eval_retrieval_cpu.json", eval_itm),
+    "eval_caption": ("eval_caption_cpu.json", eval_caption),
+    "train_throughput": ("train_throughput_cpu.json", train_throughput),
+    "hf_speed": ("hf_speed_cpu.json", hf_speed),
+    "kd_experiment": ("kd_experiment.json", kd_experiment),
+}
+
+
+def render(doc: str, results: Path, log: Callable[[str], None] = print) -> str:
+    """`doc` with every marked region re-rendered from the JSON files under `results`."""
+
+    def replace(match: re.Match) -> str:
+        opening, name, _body, closing = match.groups()
+        if name not in RENDERERS:
+            raise ValueError(f"unknown table region {name!r}; known: {', '.join(RENDERERS)}")
+        file, renderer = RENDERERS[name]
+        path = results / file
+        if not path.is_file():
+            log(f"table:{name}: {path} missing, region kept as it was")
+            return match.group(0)
+        record = json.loads(path.read_text())
+        text = f"{machine_line(record)} Source: `{path.as_posix()}`.\n\n{renderer(record)}\n"
+        return opening + text + closing
+
+    return REGION.sub(replace, doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--check", action="store_true", help="exit 1 if the doc is stale")
+    args = parser.parse_args(argv)
+    doc = args.doc.read_text()
+    new = render(doc, args.results, log=lambda msg: print(msg, file=sys.stderr))
+    if args.check:
+        print(f"{args.doc}: {'up to date' if new == doc else 'stale'}")
+        return 0 if new == doc else 1
+    args.doc.write_text(new)
+    print(f"wrote {args.doc} ({len(REGION.findall(new))} tables)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

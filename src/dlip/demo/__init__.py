@@ -1,0 +1,155 @@
+"""`dlip demo`: the whole DLIP story on synthetic data, on a CPU, with nothing downloaded.
+
+    dlip demo [--out runs/demo] [--quick] [--fresh] [--threads N]
+
+A BLIP-shaped teacher is pretrained from scratch; a ~4x smaller student is distilled from it
+(KD) and, for comparison, trained without KD for the same steps; all three are finetuned for
+retrieval and captioning and evaluated with `dlip eval`'s protocol on the held-out test split.
+RUN/results.json, RUN/report.md and RUN/*.png hold the outcome (see dlip.demo.report). Stages
+live in dlip.demo.pipeline, sizes in dlip.demo.plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from dlip.demo.plan import MODELS, DemoPlan
+
+TIMINGS_FILE = "timings.json"
+SYNTH_SAMPLES = 4  # synthetic test images captioned in the report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a ~2-minute run with tiny budgets")
+    p.add_argument("--fresh", action="store_true", help="delete an earlier run in --out first")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from dlip.demo.pipeline import PLAN_FILE, Layout, pin_plan, run_stages, stages
+
+    plan = DemoPlan.quick() if args.quick else DemoPlan.full()
+    lay = Layout(Path(args.out).resolve())
+    if args.fresh and lay.root.exists():
+        if not (lay.root / PLAN_FILE).is_file():
+            raise SystemExit(f"--fresh: {lay.root} is not a demo run folder (no {PLAN_FILE})")
+        shutil.rmtree(lay.root)
+    pin_plan(plan, lay)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"dlip demo ({plan.name}) -> {lay.root}   torch threads: {torch.get_num_threads()}")
+    start = time.perf_counter()
+    from dlip.eval.captioning import meteor_session
+
+    with meteor_session():  # one METEOR process for the six caption evaluations
+        seconds = _merge_timings(lay.root, run_stages(stages(plan, lay)))
+    print("\n== [report] measuring size, FLOPs, latency and sample captions", flush=True)
+    results = collect(plan, lay, seconds, time.perf_counter() - start)
+    from dlip.demo.report import write_report
+
+    report = write_report(results, lay.root)
+    print(f"\n{summary(results)}\nreport: {report}\nresults: {lay.root / 'results.json'}")
+    return 0
+
+
+def _merge_timings(root: Path, now: dict[str, float]) -> dict[str, float]:
+    """Stage seconds across resumed invocations (a stage's last complete run counts)."""
+    from dlip.fileio import atomic_write_text
+
+    path = root / TIMINGS_FILE
+    seconds = json.loads(path.read_text()) if path.is_file() else {}
+    seconds.update(now)
+    atomic_write_text(path, json.dumps(seconds, indent=2) + "\n")
+    return seconds
+
+
+def _entry(plan: DemoPlan, lay, model: str, images: dict[str, Path]) -> dict[str, Any]:
+    """One model's row of results.json: size, latency, test metrics, sample captions."""
+    from dlip.demo.measure import latency_ms, sample_captions, size_and_flops
+    from dlip.models.io import load
+
+    retrieval = load(lay.finetune_dir(model, "retrieval") / "best")
+    captioner = load(lay.finetune_dir(model, "caption") / "best")
+    ret = json.loads(lay.test_results(model, "retrieval").read_text())
+    cap = json.loads(lay.test_results(model, "caption").read_text())
+    return {
+        **size_and_flops(retrieval),
+        "latency_ms": latency_ms(retrieval, captioner, plan.k_test, plan.latency_repeats),
+        **ret["metrics"],
+        **cap["metrics"],
+        "itc_only": ret["metrics_itc"],
+        "samples": sample_captions(captioner, images),
+        "models": {t: str(lay.finetune_dir(model, t) / "best") for t in ("retrieval", "caption")},
+    }
+
+
+def sample_images(lay) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """The bundled photos and the first synthetic test images (with their reference captions)."""
+    from dlip.demo.measure import PHOTOS, bundled_photo
+
+    images = {name: bundled_photo(name) for name in PHOTOS}
+    refs: dict[str, list[str]] = {}
+    for row in json.loads((lay.data / "test.json").read_text())[:SYNTH_SAMPLES]:
+        name = Path(row["image"]).stem
+        images[name], refs[name] = lay.data / row["image"], row["caption"]
+    return images, refs
+
+
+def collect(plan: DemoPlan, lay, seconds: dict[str, float], wall: float) -> dict[str, Any]:
+    from dlip.bench import machine
+    from dlip.fileio import atomic_write_text
+
+    images, refs = sample_images(lay)
+    results: dict[str, Any] = {
+        "demo": plan.to_dict(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": machine(),
+        "stage_seconds": seconds,
+        "this_invocation_seconds": round(wall, 1),
+    }
+    for model in MODELS:
+        print(f"   {model}", flush=True)
+        results[model] = _entry(plan, lay, model, images)
+    results["share_of_teacher"] = {m: shares(results["teacher"], results[m]) for m in MODELS[1:]}
+    results["sample_images"] = {n: str(p) for n, p in images.items()}
+    results["sample_references"] = refs
+    atomic_write_text(lay.root / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def shares(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, float]:
+    """Student / teacher ratios: size and compute (lower is cheaper), latency speed-up, and the
+    share of the teacher's test score kept (r_mean, CIDEr, BLEU-4)."""
+    out = {
+        "params": student["params"] / teacher["params"],
+        "flops_image_embed": student["flops"]["image_embed"] / teacher["flops"]["image_embed"],
+    }
+    for task, ms in teacher["latency_ms"].items():
+        out[f"speedup_{task}"] = ms / student["latency_ms"][task]
+    for metric in ("r_mean", "CIDEr", "Bleu_4"):
+        out[metric] = student[metric] / teacher[metric] if teacher[metric] > 0 else float("nan")
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def summary(results: dict[str, Any]) -> str:
+    lines = [f"{'model':<14}{'params':>10}{'r_mean':>9}{'CIDEr':>8}{'BLEU-4':>8}"]
+    for m in MODELS:
+        r = results[m]
+        lines.append(
+            f"{m:<14}{r['params'] / 1e6:>9.2f}M{r['r_mean']:>9.2f}{r['CIDEr']:>8.3f}"
+            f"{r['Bleu_4']:>8.3f}"
+        )
+    kd, nokd = results["student_kd"]["r_mean"], results["student_nokd"]["r_mean"]
+    verdict = "above" if kd > nokd else "NOT above"
+    lines.append(f"KD student r_mean {kd:.2f} is {verdict} the no-KD student's {nokd:.2f}")
+    return "\n".join(lines)

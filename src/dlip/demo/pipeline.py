@@ -1,0 +1,244 @@
+"""`dlip demo`'s stages: synthetic data -> teacher -> KD / no-KD students -> finetune + eval.
+
+Resumable by construction: a stage whose output exists is skipped, and an interrupted training
+stage continues from its newest checkpoint (`--resume latest` of the training loop). The plan
+is pinned in RUN/plan.json, so a rerun with other settings is refused instead of mixing runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dlip.demo.plan import (
+    IMAGE_SIZE,
+    KD_WEIGHTS,
+    MODELS,
+    STUDENT_PRESET,
+    TASKS,
+    TEACHER_ARCH,
+    DemoPlan,
+)
+from dlip.fileio import atomic_write_text
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    title: str
+    output: Path  # exists <=> the stage is done
+    run: Callable[[], None]
+    command: str  # the equivalent dlip command, for the report
+
+
+class Layout:
+    """Where everything of one demo run lives."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.configs = root / "configs"
+
+    def pretrain_dir(self, model: str) -> Path:
+        return self.root / model / "pretrain"
+
+    def finetune_dir(self, model: str, task: str) -> Path:
+        return self.root / model / task
+
+    def pretrained(self, model: str) -> Path:
+        return self.pretrain_dir(model) / "final"
+
+    def test_results(self, model: str, task: str) -> Path:
+        return self.finetune_dir(model, task) / "test" / "results.json"
+
+
+# ------------------------------------------------------------------------------------- configs
+def _data_section(plan: DemoPlan) -> dict[str, Any]:
+    # Synthetic captions name positions and colours: no flips, crops or colour augmentation.
+    return {
+        "batch_size": plan.batch_size, "num_workers": 0, "hflip": False,
+        "rand_augment": False, "min_scale": 1.0,
+    }  # fmt: skip
+
+
+def pretrain_config(plan: DemoPlan, lay: Layout, model: str) -> dict[str, Any]:
+    """The `dlip pretrain` yaml of one of the three models."""
+    steps = plan.teacher_steps if model == "teacher" else plan.student_steps
+    arch = {"preset": STUDENT_PRESET, "image_size": IMAGE_SIZE}
+    if model == "teacher":
+        arch["arch"] = TEACHER_ARCH
+    cfg: dict[str, Any] = {
+        "model": arch,
+        "data": {"manifests": [str(lay.data / "manifest.jsonl")], **_data_section(plan)},
+        "loss": {"momentum_distill": False},  # a 1000-image set needs no 57600-feature queue
+        # Small models from scratch take a larger lr than BLIP's 3e-4 (which starts from BERT).
+        "optim": {
+            "lr": 1.0e-3,
+            "warmup_steps": min(50, max(1, steps // 5)),
+            "schedule": "cosine",
+            "min_lr": 1.0e-5,
+        },
+        "run": {
+            "run_dir": str(lay.pretrain_dir(model)),
+            "max_steps": steps,
+            "log_every": max(1, min(10, steps // 8)),
+            "ckpt_every": 50,
+            "seed": plan.seed,
+        },
+    }
+    if model == "student_kd":
+        cfg["teacher"] = {"checkpoint": str(lay.pretrained("teacher"))}
+        cfg["loss"]["kd"] = {"weights": dict(KD_WEIGHTS)}
+    return cfg
+
+
+def finetune_config(plan: DemoPlan, lay: Layout, model: str, task: str) -> dict[str, Any]:
+    """The `dlip finetune` yaml: the same short recipe for every model, no KD."""
+    d = lay.data
+    return {
+        "task": task,
+        "model": {"checkpoint": str(lay.pretrained(model)), "image_size": IMAGE_SIZE},
+        "data": {
+            "train": [str(d / "train.json")],
+            "val": str(d / "val.json"),
+            "test": str(d / "test.json"),
+            "image_root": str(d),
+            **_data_section(plan),
+        },
+        "loss": {"momentum_distill": False, "itm_all_ranks": False},
+        "optim": {"lr": 1.0e-4},
+        "eval": {"k_test": plan.k_test, "batch_size": 64},
+        "run": {
+            "run_dir": str(lay.finetune_dir(model, task)),
+            "max_steps": plan.finetune_steps,
+            "log_every": max(1, min(10, plan.finetune_steps // 4)),
+            "ckpt_every": 50,
+            "seed": plan.seed,
+        },
+    }
+
+
+def write_config(lay: Layout, name: str, cfg: dict[str, Any]) -> Path:
+    path = lay.configs / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# -------------------------------------------------------------------------------------- stages
+def make_data(plan: DemoPlan, lay: Layout) -> None:
+    from dlip.data.synthetic import synthesize
+
+    n = plan.train_images + plan.val_images + plan.test_images
+    report = synthesize(
+        lay.data,
+        n,
+        seed=plan.seed,
+        image_size=IMAGE_SIZE,
+        n_val=plan.val_images,
+        n_test=plan.test_images,
+        contrast=0.0,
+        max_objects=2,
+        overwrite=True,
+    )
+    print(f"images {report.images}, captions {report.captions} -> {lay.data}")
+
+
+def _resume_flag(run_dir: Path) -> str | None:
+    from dlip.train.checkpoint import find_latest
+
+    latest = find_latest(run_dir)
+    if latest is not None:
+        print(f"resuming from {latest}")
+    return "latest" if latest is not None else None
+
+
+def pretrain(path: Path) -> None:
+    from dlip.train.config import load
+    from dlip.train.loop import run
+
+    cfg = load(path)
+    run(cfg, resume=_resume_flag(Path(cfg.run.run_dir)))
+
+
+def finetune(path: Path) -> None:
+    from dlip.train.finetune import build_loader, build_task, load_config, test_best, validate_fn
+    from dlip.train.loop import Job, run
+
+    task = yaml.safe_load(path.read_text())["task"]
+    cfg = load_config(task, str(path), [])
+    job = Job(build_task=build_task, build_loader=build_loader, validate=validate_fn(cfg))
+    run(cfg, resume=_resume_flag(Path(cfg.run.run_dir)), job=job)
+    test_best(cfg, Path(cfg.run.run_dir))
+
+
+def stages(plan: DemoPlan, lay: Layout) -> list[Stage]:
+    """Every stage in order; configs are written now, so the commands can be shown."""
+    synth = f"dlip data synth (seed {plan.seed}, contrast 0, 2 objects) -> {lay.data}"
+    data = lay.data / "manifest.jsonl"
+    out = [Stage("synthetic data", data, lambda: make_data(plan, lay), synth)]
+    titles = {
+        "teacher": "pretrain the teacher from scratch (ITC + ITM + LM)",
+        "student_kd": "distill the student from the teacher (BLIP losses + KD terms)",
+        "student_nokd": "train the same student without KD (BLIP losses only)",
+    }
+    for model in MODELS:
+        path = write_config(lay, f"pretrain_{model}", pretrain_config(plan, lay, model))
+        out.append(
+            Stage(
+                titles[model],
+                lay.pretrained(model) / "model.safetensors",
+                lambda p=path: pretrain(p),
+                f"dlip pretrain --config {path}",
+            )
+        )
+    for model in MODELS:
+        for task in TASKS:
+            path = write_config(lay, f"{task}_{model}", finetune_config(plan, lay, model, task))
+            out.append(
+                Stage(
+                    f"finetune + evaluate {model} for {task}",
+                    lay.test_results(model, task),
+                    lambda p=path: finetune(p),
+                    f"dlip finetune {task} --config {path}",
+                )
+            )
+    return out
+
+
+def pin_plan(plan: DemoPlan, lay: Layout) -> None:
+    """Write RUN/plan.json, or check that an earlier run of RUN used the same plan."""
+    path = lay.root / PLAN_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != plan.to_dict():
+            raise SystemExit(
+                f"{lay.root} holds a demo run with other settings ({before.get('name')!r} plan, "
+                f"{path}); use another --out, or --fresh to start over"
+            )
+        return
+    lay.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+
+
+def run_stages(todo: list[Stage]) -> dict[str, float]:
+    """Run what is not done yet, with a header per stage; returns seconds per stage run now."""
+    seconds: dict[str, float] = {}
+    for i, stage in enumerate(todo, 1):
+        header = f"[{i}/{len(todo)}] {stage.title}"
+        if stage.output.exists():
+            print(f"\n== {header}: done earlier ({stage.output})")
+            continue
+        print(f"\n== {header}\n   {stage.command}", flush=True)
+        start = time.perf_counter()
+        stage.run()
+        seconds[stage.title] = round(time.perf_counter() - start, 1)
+        print(f"   done in {seconds[stage.title]:.0f}s", flush=True)
+    return seconds

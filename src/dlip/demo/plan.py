@@ -1,0 +1,73 @@
+"""What `dlip demo` trains: the data, the three models and the step budgets (full and --quick).
+
+Every stage is an ordinary dlip run: the demo writes its yaml to RUN/configs/ and hands it to
+the same `run()` that `dlip pretrain` / `dlip finetune` use, so each stage can be rerun by hand
+with the printed command.
+
+Choices, and why (measured on a 2-core CPU, see docs/demo.md):
+- Data: `dlip data synth` scenes with two objects and no minimal-edit pairs (contrast 0): hard
+  enough that retrieval must bind colours to shapes and read the relation, easy enough for a
+  from-scratch model to learn in minutes.
+- Teacher: BLIP-shaped (ViT + BERT-style encoder/decoder with cross-attention), width 96, 4+4
+  layers at 64 px. Student: width 32, 2+2 layers (`test_tiny`): ~3.6x fewer parameters and
+  ~9x fewer image FLOPs. Parameters are dominated by the 30524-token word embeddings, so the
+  parameter ratio is smaller than the compute ratio.
+- Towers trained from scratch with ITC first collapse (every feature alike, ITC = ln(batch))
+  and leave that plateau after a few hundred steps; the teacher gets enough steps to leave it
+  and learn. Both students get the same, smaller budget: the KD student is pulled off the
+  plateau by the teacher's similarity targets, the no-KD one is not. That gap is what KD buys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+TEACHER_ARCH = {
+    "vision": {"width": 96, "depth": 4, "num_heads": 4},
+    "text": {"hidden_size": 96, "num_layers": 4, "num_heads": 4, "intermediate_size": 192},
+}
+STUDENT_PRESET = "test_tiny"  # width 32, 2+2 layers
+IMAGE_SIZE = 64
+# DLIP's multi-module distillation: logits, representations, hidden states and attention maps.
+KD_WEIGHTS = {
+    "kd_itc": 1.0, "kd_itm": 1.0, "kd_lm": 1.0,
+    "kd_rep_image": 1.0, "kd_rep_text": 1.0, "kd_rep_fusion": 1.0,
+    "kd_hidden_image": 1.0, "kd_attn_fusion": 1.0, "kd_attn_cross": 1.0, "kd_attn_decoder": 1.0,
+}  # fmt: skip
+MODELS = ("teacher", "student_kd", "student_nokd")
+TASKS = ("retrieval", "caption")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes and step counts; `full()` is `make demo`, `quick()` is the test-suite run."""
+
+    name: str
+    train_images: int
+    val_images: int
+    test_images: int
+    batch_size: int
+    teacher_steps: int
+    student_steps: int
+    finetune_steps: int  # per model and task
+    k_test: int  # ITM re-rank candidates in retrieval evaluation
+    latency_repeats: int
+    seed: int = 0
+
+    @classmethod
+    def full(cls) -> DemoPlan:
+        return cls(
+            name="full", train_images=1000, val_images=50, test_images=100, batch_size=32,
+            teacher_steps=500, student_steps=250, finetune_steps=60, k_test=16,
+            latency_repeats=10,
+        )  # fmt: skip
+
+    @classmethod
+    def quick(cls) -> DemoPlan:
+        return cls(
+            name="quick", train_images=96, val_images=8, test_images=16, batch_size=16,
+            teacher_steps=12, student_steps=8, finetune_steps=4, k_test=4, latency_repeats=2,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self)
