@@ -54,3 +54,17 @@ def test_help_does_not_import_torch(command):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_overrides_may_follow_options():
+    from dlip.cli import parse
+
+    args = parse(["finetune", "retrieval", "--config", "c.yaml", "optim.lr=1e-4", "run.epochs=2"])
+    assert args.task == "retrieval" and args.config == "c.yaml"
+    assert args.overrides == ["optim.lr=1e-4", "run.epochs=2"]
+    args = parse(["finetune", "caption", "a=1", "--config", "c.yaml", "b=2"])
+    assert args.overrides == ["a=1", "b=2"]
+    with pytest.raises(SystemExit):
+        parse(["finetune", "caption", "--config", "c.yaml", "--bogus"])
+    with pytest.raises(SystemExit):
+        parse(["info", "test_tiny", "x=1"])  # no overrides there

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import dlip
-from dlip.config import ModelConfig
+from dlip.config import ConfigError, ModelConfig
 from dlip.models.init import (
     apply_init,
     init_from_teacher,
@@ -242,3 +242,15 @@ def test_build_task_inherits_from_the_teacher_before_the_momentum_copy(teacher_d
     bad = load(None, [*args[:4], "model.init=timm:" + str(tmp_path / "missing.pth")])
     with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
         build_task(bad, None)
+
+
+def test_temp_init_sets_the_itc_temperature_of_the_student_and_its_momentum_copy(tmp_path):
+    args = [f"run_dir={tmp_path / 'run'}", f"data.synth_dir={tmp_path}", "model.preset=test_tiny"]
+    default = build_task(load(None, args))
+    assert default.student.temp.item() == pytest.approx(0.07)  # BLIP's
+    task = build_task(load(None, [*args, "model.temp_init=0.3"]))
+    assert task.student.temp.item() == pytest.approx(0.3)
+    assert task.student_m.temp.item() == pytest.approx(0.3)
+    assert task.student.temp.requires_grad  # still learned
+    with pytest.raises(ConfigError, match=r"model\.temp_init"):
+        load(None, [*args, "model.temp_init=0.9"])  # outside the loss's clamp

@@ -221,8 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line. `key=value` overrides may also follow options
+    (`dlip finetune retrieval --config X optim.lr=1e-4`): argparse alone leaves those unparsed
+    once the optional positional list was consumed before the option."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # --help exits here, before torch is imported
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # --help exits here, before torch is imported
+    args = parse(argv)
     from dlip.models.io import CheckpointError
 
     func = args.func

@@ -17,12 +17,14 @@ from typing import Any
 import yaml
 
 from dlip.demo.plan import (
+    FINETUNE_LR,
     IMAGE_SIZE,
     KD_WEIGHTS,
     MODELS,
     STUDENT_PRESET,
     TASKS,
     TEACHER_ARCH,
+    TEMP_INIT,
     DemoPlan,
 )
 from dlip.fileio import atomic_write_text
@@ -71,7 +73,9 @@ def _data_section(plan: DemoPlan) -> dict[str, Any]:
 def pretrain_config(plan: DemoPlan, lay: Layout, model: str) -> dict[str, Any]:
     """The `dlip pretrain` yaml of one of the three models."""
     steps = plan.teacher_steps if model == "teacher" else plan.student_steps
-    arch = {"preset": STUDENT_PRESET, "image_size": IMAGE_SIZE}
+    # temp_init 0.3: from scratch, towers first collapse to identical features; a softer
+    # initial temperature halves that plateau (docs/demo.md). Same for all three models.
+    arch = {"preset": STUDENT_PRESET, "image_size": IMAGE_SIZE, "temp_init": TEMP_INIT}
     if model == "teacher":
         arch["arch"] = TEACHER_ARCH
     cfg: dict[str, Any] = {
@@ -113,7 +117,7 @@ def finetune_config(plan: DemoPlan, lay: Layout, model: str, task: str) -> dict[
             **_data_section(plan),
         },
         "loss": {"momentum_distill": False, "itm_all_ranks": False},
-        "optim": {"lr": 1.0e-4},
+        "optim": {"lr": FINETUNE_LR[task]},
         "eval": {"k_test": plan.k_test, "batch_size": 64},
         "run": {
             "run_dir": str(lay.finetune_dir(model, task)),

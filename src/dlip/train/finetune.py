@@ -233,8 +233,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`dlip finetune` as a function (tests call `main([...])`)."""
-    from dlip.cli import add_finetune_arguments
 
-    parser = argparse.ArgumentParser(prog="dlip finetune")
-    add_finetune_arguments(parser)
-    return cmd_finetune(parser.parse_args(argv))
+    from dlip.cli import parse
+
+    return cmd_finetune(parse(["finetune", *(argv or [])]))
