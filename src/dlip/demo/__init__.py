@@ -73,23 +73,22 @@ def _merge_timings(root: Path, now: dict[str, float]) -> dict[str, float]:
     return seconds
 
 
-def _entry(plan: DemoPlan, lay, model: str, images: dict[str, Path]) -> dict[str, Any]:
+def _entry(lay, model: str, latency: dict[str, float], images: dict[str, Path]) -> dict[str, Any]:
     """One model's row of results.json: size, latency, test metrics, sample captions."""
-    from dlip.demo.measure import latency_ms, sample_captions, size_and_flops
+    from dlip.demo.measure import sample_captions, size_and_flops
     from dlip.models.io import load
 
-    retrieval = load(lay.finetune_dir(model, "retrieval") / "best")
-    captioner = load(lay.finetune_dir(model, "caption") / "best")
+    best = {task: lay.finetune_dir(model, task) / "best" for task in ("retrieval", "caption")}
     ret = json.loads(lay.test_results(model, "retrieval").read_text())
     cap = json.loads(lay.test_results(model, "caption").read_text())
     return {
-        **size_and_flops(retrieval),
-        "latency_ms": latency_ms(retrieval, captioner, plan.k_test, plan.latency_repeats),
+        **size_and_flops(load(best["retrieval"])),
+        "latency_ms": latency,
         **ret["metrics"],
         **cap["metrics"],
         "itc_only": ret["metrics_itc"],
-        "samples": sample_captions(captioner, images),
-        "models": {t: str(lay.finetune_dir(model, t) / "best") for t in ("retrieval", "caption")},
+        "samples": sample_captions(load(best["caption"]), images),
+        "models": {task: str(path) for task, path in best.items()},
     }
 
 
@@ -117,9 +116,14 @@ def collect(plan: DemoPlan, lay, seconds: dict[str, float], wall: float) -> dict
         "stage_seconds": seconds,
         "this_invocation_seconds": round(wall, 1),
     }
+    from dlip.demo.measure import latency_ms
+    from dlip.models.io import load
+
+    pairs = {m: tuple(load(lay.finetune_dir(m, t) / "best") for t in ("retrieval", "caption"))
+             for m in MODELS}  # fmt: skip
+    latency = latency_ms(pairs, plan.k_test, plan.latency_repeats)
     for model in MODELS:
-        print(f"   {model}", flush=True)
-        results[model] = _entry(plan, lay, model, images)
+        results[model] = _entry(lay, model, latency[model], images)
     results["share_of_teacher"] = {m: shares(results["teacher"], results[m]) for m in MODELS[1:]}
     results["sample_images"] = {n: str(p) for n, p in images.items()}
     results["sample_references"] = refs

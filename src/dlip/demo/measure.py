@@ -4,6 +4,7 @@ and sample captions on the bundled photos and on synthetic test images."""
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -24,23 +25,45 @@ def bundled_photo(name: str) -> Path:
     return path
 
 
-def latency_ms(retrieval: BLIP, captioner: BLIP, k: int, repeats: int) -> dict[str, float]:
-    """Batch-1 wall time (ms, median of `repeats` after 2 warm-up calls) of what a user waits
-    for: embedding an image, re-ranking k candidate texts for it with ITM, and a 3-beam caption
-    of a fixed 20 tokens (`dlip bench latency`'s workloads, so the numbers compare)."""
-    from dlip.benchmarks.latency import Workloads, time_calls
+def latency_ms(models: dict[str, tuple[BLIP, BLIP]], k: int, repeats: int) -> dict[str, dict]:
+    """{model: {task: ms}}: batch-1 wall time, median of `repeats` calls after 2 warm-up calls,
+    of embedding an image, re-ranking k candidate texts for it with ITM (retrieval model) and a
+    3-beam caption of a fixed 20 tokens (caption model): `dlip bench latency`'s workloads.
+
+    `models` maps a name to its (retrieval, caption) models. Calls are interleaved across the
+    models (the order reversed every repeat) on one thread, so machine load hits all alike:
+    millisecond calls of tiny models are otherwise dominated by noise and thread hand-offs.
+    """
+    from dlip.benchmarks.latency import Workloads
 
     device = torch.device("cpu")
-    size = retrieval.config.vision.image_size
-    ret, cap = Workloads(retrieval, device, size, k), Workloads(captioner, device, size, 1)
-
-    def median_ms(fn: Callable[[], object]) -> float:
-        return round(1000 * statistics.median(time_calls(fn, 2, repeats, cuda=False)), 3)
-
+    calls: dict[str, dict[str, Callable[[], object]]] = {}
+    for name, (ret, cap) in models.items():
+        size = ret.config.vision.image_size
+        w_ret, w_cap = Workloads(ret, device, size, k), Workloads(cap, device, size, 1)
+        calls[name] = {
+            "image_embed": w_ret.call("image_embed", 1),
+            f"itm_rerank_k{k}": w_ret.call("itm_rerank", k),
+            "caption_3beam": w_cap.call("caption", 1),
+        }
+    names = list(models)
+    times: dict[str, dict[str, list[float]]] = {n: {t: [] for t in calls[n]} for n in names}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for task in calls[names[0]]:
+            for name in names:
+                for _ in range(2):  # warm-up
+                    calls[name][task]()
+            for r in range(repeats):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    start = time.perf_counter()
+                    calls[name][task]()
+                    times[name][task].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     return {
-        "image_embed": median_ms(ret.call("image_embed", 1)),
-        f"itm_rerank_k{k}": median_ms(ret.call("itm_rerank", k)),
-        "caption_3beam": median_ms(cap.call("caption", 1)),
+        n: {t: round(1000 * statistics.median(v), 3) for t, v in times[n].items()} for n in names
     }
 
 

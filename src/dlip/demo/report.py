@@ -189,8 +189,10 @@ def write_report(results: dict[str, Any], root: Path) -> Path:
         "",
         "TR = text retrieval (image -> text), IR = image retrieval; R@k in %, r_mean = mean of the",
         f"six; re-ranked by ITM over the top {plan['k_test']} ITC candidates (BLIP's protocol). "
-        "FLOPs are forward FLOPs at batch 1; latency is the batch-1 median on this machine "
-        "(the caption: 3 beams, a fixed 20 tokens, as `dlip bench latency`).",
+        "FLOPs are forward FLOPs at batch 1; latency is the batch-1 median on this machine, one "
+        "thread, the three models' calls interleaved (the caption: 3 beams, a fixed 20 tokens, "
+        "as `dlip bench latency`). The two students have the same shapes: the gap between their "
+        "latencies is the measurement's noise.",
         "",
         "## Student vs teacher",
         "",
