@@ -213,7 +213,7 @@ def run(
     caption_plan: dict | None = None,
 ) -> dict[str, Any]:
     """All rows for one model; plans map batch -> (warmup, repeats)."""
-    embed_plan = embed_plan or {1: (1, 5), 8: (1, 3)}
+    embed_plan = embed_plan or {1: (2, 15), 8: (1, 5)}
     caption_plan = caption_plan or {1: (1, 3), 4: (1, 2)}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         ours, ret, cap = build_pair(name, image_size, Path(tmp))
