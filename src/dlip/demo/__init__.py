@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dlip.demo.plan import MODELS, DemoPlan
+from dlip.demo.plan import MODELS, TASKS, DemoPlan
 
 TIMINGS_FILE = "timings.json"
 SYNTH_SAMPLES = 4  # synthetic test images captioned in the report
@@ -73,22 +73,23 @@ def _merge_timings(root: Path, now: dict[str, float]) -> dict[str, float]:
     return seconds
 
 
-def _entry(lay, model: str, latency: dict[str, float], images: dict[str, Path]) -> dict[str, Any]:
-    """One model's row of results.json: size, latency, test metrics, sample captions."""
+def _entry(
+    lay, model: str, pair: tuple[Any, Any], latency: dict[str, float], images: dict[str, Path]
+) -> dict[str, Any]:
+    """One model's row of results.json: size, latency, test metrics, sample captions.
+    `pair`: its best finetuned (retrieval, caption) models."""
     from dlip.demo.measure import sample_captions, size_and_flops
-    from dlip.models.io import load
 
-    best = {task: lay.finetune_dir(model, task) / "best" for task in ("retrieval", "caption")}
     ret = json.loads(lay.test_results(model, "retrieval").read_text())
     cap = json.loads(lay.test_results(model, "caption").read_text())
     return {
-        **size_and_flops(load(best["retrieval"])),
+        **size_and_flops(pair[0]),
         "latency_ms": latency,
         **ret["metrics"],
         **cap["metrics"],
         "itc_only": ret["metrics_itc"],
-        "samples": sample_captions(load(best["caption"]), images),
-        "models": {task: str(path) for task, path in best.items()},
+        "samples": sample_captions(pair[1], images),
+        "models": {task: str(lay.finetune_dir(model, task) / "best") for task in TASKS},
     }
 
 
@@ -119,11 +120,10 @@ def collect(plan: DemoPlan, lay, seconds: dict[str, float], wall: float) -> dict
     from dlip.demo.measure import latency_ms
     from dlip.models.io import load
 
-    pairs = {m: tuple(load(lay.finetune_dir(m, t) / "best") for t in ("retrieval", "caption"))
-             for m in MODELS}  # fmt: skip
+    pairs = {m: tuple(load(lay.finetune_dir(m, t) / "best") for t in TASKS) for m in MODELS}
     latency = latency_ms(pairs, plan.k_test, plan.latency_repeats)
     for model in MODELS:
-        results[model] = _entry(lay, model, latency[model], images)
+        results[model] = _entry(lay, model, pairs[model], latency[model], images)
     results["share_of_teacher"] = {m: shares(results["teacher"], results[m]) for m in MODELS[1:]}
     results["sample_images"] = {n: str(p) for n, p in images.items()}
     results["sample_references"] = refs
