@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
 MACHINE = {
     "platform": "Linux-test",
     "cpu": "Test CPU 9000",
@@ -32,20 +29,12 @@ PROSE_TOP = "# Title\n\nHand-written prose, *kept* as is.\n\n"
 PROSE_END = "\nMore prose after the table: 1.234 stays.\n"
 
 
-def _report():
-    spec = importlib.util.spec_from_file_location("bench_report", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _doc(name: str, body: str = "| old | table |\n") -> str:
     return f"{PROSE_TOP}<!-- table:{name} -->\n{body}<!-- /table -->\n{PROSE_END}"
 
 
-def test_region_is_rendered_from_json_and_prose_kept(tmp_path):
-    report = _report()
+def test_region_is_rendered_from_json_and_prose_kept(tmp_path, benchmark_script):
+    report = benchmark_script("report")
     (tmp_path / "kd_experiment.json").write_text(json.dumps(KD))
     doc = tmp_path / "bench.md"
     doc.write_text(_doc("kd_experiment"))
@@ -62,8 +51,8 @@ def test_region_is_rendered_from_json_and_prose_kept(tmp_path):
     assert report.main(["--doc", str(doc), "--results", str(tmp_path), "--check"]) == 0
 
 
-def test_missing_json_keeps_region_and_unknown_region_fails(tmp_path):
-    report = _report()
+def test_missing_json_keeps_region_and_unknown_region_fails(tmp_path, benchmark_script):
+    report = benchmark_script("report")
     messages: list[str] = []
     doc = _doc("hf_speed")
     assert report.render(doc, tmp_path, log=messages.append) == doc

@@ -3,26 +3,13 @@ shared CPU is not a test property; parity of outputs is)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_speed.py"
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("hf_speed", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_hf_speed_runs_on_tiny_model_with_parity() -> None:
-    hf_speed = _load_script()
+def test_hf_speed_runs_on_tiny_model_with_parity(benchmark_script) -> None:
+    hf_speed = benchmark_script("hf_speed")
     result = hf_speed.run(
         "test_tiny",
         image_size=32,
@@ -48,8 +35,8 @@ def test_hf_speed_runs_on_tiny_model_with_parity() -> None:
     assert rows[-1]["ids_equal"] is True
 
 
-def test_time_pair_interleaves_and_counts_warmup_apart() -> None:
-    hf_speed = _load_script()
+def test_time_pair_interleaves_and_counts_warmup_apart(benchmark_script) -> None:
+    hf_speed = benchmark_script("hf_speed")
     calls: list[str] = []
     a, b = hf_speed.time_pair(lambda: calls.append("a"), lambda: calls.append("b"), 2, 3)
     assert calls == ["a", "b", "a", "b", "a", "b", "b", "a", "a", "b"]  # order swaps per repeat
