@@ -155,32 +155,29 @@ def make_data(plan: DemoPlan, lay: Layout) -> None:
     print(f"images {report.images}, captions {report.captions} -> {lay.data}")
 
 
-def _resume_flag(run_dir: Path) -> str | None:
+def _resume_args(run_dir: Path) -> list[str]:
+    """`--resume latest` when an interrupted run left a checkpoint in `run_dir`."""
     from dlip.train.checkpoint import find_latest
 
     latest = find_latest(run_dir)
-    if latest is not None:
-        print(f"resuming from {latest}")
-    return "latest" if latest is not None else None
+    if latest is None:
+        return []
+    print(f"resuming from {latest}")
+    return ["--resume", "latest"]
 
 
-def pretrain(path: Path) -> None:
-    from dlip.train.config import load
-    from dlip.train.loop import run
+def pretrain(path: Path, run_dir: Path) -> None:
+    """`dlip pretrain --config PATH [--resume latest]`."""
+    from dlip.train.pretrain import main
 
-    cfg = load(path)
-    run(cfg, resume=_resume_flag(Path(cfg.run.run_dir)))
+    main(["--config", str(path), *_resume_args(run_dir)])
 
 
-def finetune(path: Path) -> None:
-    from dlip.train.finetune import build_loader, build_task, load_config, test_best, validate_fn
-    from dlip.train.loop import Job, run
+def finetune(path: Path, task: str, run_dir: Path) -> None:
+    """`dlip finetune TASK --config PATH [--resume latest]` (trains, then tests the best)."""
+    from dlip.train.finetune import main
 
-    task = yaml.safe_load(path.read_text())["task"]
-    cfg = load_config(task, str(path), [])
-    job = Job(build_task=build_task, build_loader=build_loader, validate=validate_fn(cfg))
-    run(cfg, resume=_resume_flag(Path(cfg.run.run_dir)), job=job)
-    test_best(cfg, Path(cfg.run.run_dir))
+    main([task, "--config", str(path), *_resume_args(run_dir)])
 
 
 def stages(plan: DemoPlan, lay: Layout) -> list[Stage]:
@@ -199,7 +196,7 @@ def stages(plan: DemoPlan, lay: Layout) -> list[Stage]:
             Stage(
                 titles[model],
                 lay.pretrained(model) / "model.safetensors",
-                lambda p=path: pretrain(p),
+                lambda p=path, m=model: pretrain(p, lay.pretrain_dir(m)),
                 f"dlip pretrain --config {path}",
             )
         )
@@ -210,7 +207,7 @@ def stages(plan: DemoPlan, lay: Layout) -> list[Stage]:
                 Stage(
                     f"finetune + evaluate {model} for {task}",
                     lay.test_results(model, task),
-                    lambda p=path: finetune(p),
+                    lambda p=path, m=model, t=task: finetune(p, t, lay.finetune_dir(m, t)),
                     f"dlip finetune {task} --config {path}",
                 )
             )

@@ -19,14 +19,11 @@ def pretrain_curves(root: Path) -> dict[str, dict[str, list[tuple[int, float]]]]
     """{model: {loss name: [(step, value)]}} from each pretraining run's metrics.jsonl."""
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for model in MODELS:
-        rows = (root / model / "pretrain" / "metrics.jsonl").read_text().splitlines()
-        by_step: dict[int, dict[str, float]] = {}
-        for line in rows:  # a resumed run rewrites later steps: the last row of a step wins
-            row = json.loads(line)
-            if "step" in row and "loss_itc" in row:
-                by_step[int(row["step"])] = row
+        # the training loop truncates rows past the checkpoint on resume: one row per step
+        lines = (root / model / "pretrain" / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
         curves[model] = {
-            name: [(s, float(r[name])) for s, r in sorted(by_step.items())] for name in BLIP_LOSSES
+            name: [(int(r["step"]), float(r[name])) for r in rows] for name in BLIP_LOSSES
         }
     return curves
 
