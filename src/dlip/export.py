@@ -19,7 +19,6 @@ fails the export with an `ExportParityError` naming the graph, output and differ
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dlip.fileio import atomic_write_text
+from dlip.fileio import write_json
 from dlip.models.blip import BLIP
 from dlip.models.text import KVCache
 from dlip.tokenizer import Tokenizer
@@ -383,7 +382,7 @@ def export_onnx(
         diffs = check_parity(spec, path, atol)
         entries[spec.name] = _graph_entry(spec, path, diffs) | {"opset": graph_opset}
     manifest = _manifest(model, entries, opset, atol, source)
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 

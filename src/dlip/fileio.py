@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -15,3 +17,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """`data` as indented JSON, written atomically (`atomic_write_text`)."""
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")

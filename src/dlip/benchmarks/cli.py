@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
 def write_record(record: dict, path: Path) -> Path:
-    from dlip.fileio import atomic_write_text
+    from dlip.fileio import write_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    write_json(path, record)
     print(f"wrote {path}")
     return path
 

@@ -64,12 +64,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _merge_timings(root: Path, now: dict[str, float]) -> dict[str, float]:
     """Stage seconds across resumed invocations (a stage's last complete run counts)."""
-    from dlip.fileio import atomic_write_text
+    from dlip.fileio import write_json
 
     path = root / TIMINGS_FILE
     seconds = json.loads(path.read_text()) if path.is_file() else {}
     seconds.update(now)
-    atomic_write_text(path, json.dumps(seconds, indent=2) + "\n")
+    write_json(path, seconds)
     return seconds
 
 
@@ -107,7 +107,7 @@ def sample_images(lay) -> tuple[dict[str, Path], dict[str, list[str]]]:
 
 def collect(plan: DemoPlan, lay, seconds: dict[str, float], wall: float) -> dict[str, Any]:
     from dlip.bench import machine
-    from dlip.fileio import atomic_write_text
+    from dlip.fileio import write_json
 
     images, refs = sample_images(lay)
     results: dict[str, Any] = {
@@ -127,7 +127,7 @@ def collect(plan: DemoPlan, lay, seconds: dict[str, float], wall: float) -> dict
     results["share_of_teacher"] = {m: shares(results["teacher"], results[m]) for m in MODELS[1:]}
     results["sample_images"] = {n: str(p) for n, p in images.items()}
     results["sample_references"] = refs
-    atomic_write_text(lay.root / "results.json", json.dumps(results, indent=2) + "\n")
+    write_json(lay.root / "results.json", results)
     return results
 
 

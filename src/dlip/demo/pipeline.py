@@ -27,7 +27,7 @@ from dlip.demo.plan import (
     TEMP_INIT,
     DemoPlan,
 )
-from dlip.fileio import atomic_write_text
+from dlip.fileio import atomic_write_text, write_json
 
 PLAN_FILE = "plan.json"
 
@@ -226,7 +226,7 @@ def pin_plan(plan: DemoPlan, lay: Layout) -> None:
             )
         return
     lay.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    write_json(path, plan.to_dict())
 
 
 def run_stages(todo: list[Stage]) -> dict[str, float]:

@@ -7,7 +7,6 @@ table of the same metrics). Only rank 0 writes.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dlip.fileio import atomic_write_text
+from dlip.fileio import atomic_write_text, write_json
 from dlip.models.blip import BLIP
 
 RESULTS_JSON = "results.json"
@@ -78,4 +77,4 @@ def write_results(out_dir: str | Path, record: Mapping[str, Any], markdown: str)
     """DIR/results.json and DIR/results.md, each written atomically; returns the json path."""
     out = Path(out_dir)
     atomic_write_text(out / RESULTS_MD, markdown.rstrip() + "\n")
-    return atomic_write_text(out / RESULTS_JSON, json.dumps(record, indent=2) + "\n")
+    return write_json(out / RESULTS_JSON, record)

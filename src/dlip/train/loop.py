@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from dlip.fileio import write_json
 from dlip.losses.itc import alpha_at, clamp_temp_, momentum_update
 from dlip.train.checkpoint import (
     capture_rng,
@@ -58,7 +59,6 @@ from dlip.train.pretrain import (
     load_teacher,
     seed_everything,
     teacher_identity,
-    write_json,
 )
 
 

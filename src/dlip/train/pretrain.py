@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlip.fileio import atomic_write_text
 from dlip.losses.adapters import KDAdapters, KDConfig
 from dlip.losses.distill import ITCFeatures, KDInputs, KDMasks, distill_losses, lm_kd_mask
 from dlip.losses.itc import TEMP_MAX, TEMP_MIN, FeatureQueue, clamp_temp, itc_loss
@@ -324,7 +322,3 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """`dlip pretrain` as a function (tests call `main([...])`); errors raise."""
     return cmd_pretrain(build_parser().parse_args(argv))
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
