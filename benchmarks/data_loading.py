@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 import dlip
-from dlip.bench import machine
 from dlip.data.common import decode_image
 from dlip.data.datasets import ManifestDataset
 from dlip.data.loader import batch_size_of, make_loader
+from dlip.fileio import machine
 from dlip.transforms import PRETRAIN_MIN_SCALE, train_transform
 
 PHOTOS = Path(dlip.__file__).parent / "assets" / "photos"

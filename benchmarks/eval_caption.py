@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 import dlip
-from dlip.bench import machine
 from dlip.eval.captioning import PROMPT
+from dlip.fileio import machine
 
 IMAGE_SIZE = 224
 GENERATION = {

@@ -14,7 +14,7 @@ ITM re-rank throughput (pairs/s) of a student and the teacher.
    k=4: unique re-ranked pairs / seconds of `score_candidates` (feature extraction excluded),
    torch's default threads.
 Random weights change no cost. Numbers are wall-clock on whatever machine runs this; the JSON
-names it (`dlip.bench.machine()`) and the load average at the start.
+names it (`dlip.fileio.machine()`) and the load average at the start.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 import dlip
-from dlip.bench import machine
 from dlip.data.datasets import eval_texts
 from dlip.data.karpathy import EvalSet, load_eval_set
 from dlip.data.synthetic import synthesize
@@ -44,6 +43,7 @@ from dlip.eval.retrieval import (
     tokenize_texts,
     top_candidates,
 )
+from dlip.fileio import machine
 from dlip.losses.itm import with_first_token
 from dlip.tokenizer import get_tokenizer
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dlip.bench import machine
+from dlip.fileio import machine
 from dlip.models.convert import convert_hf
 from dlip.models.generation import generate_ids
 from dlip.tokenizer import get_tokenizer

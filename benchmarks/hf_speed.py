@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlip.bench import machine
+from dlip.fileio import machine
 from dlip.models.blip import BLIP
 from dlip.models.convert import export_hf
 from dlip.models.generation import generate_ids

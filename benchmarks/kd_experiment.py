@@ -23,13 +23,13 @@ import torch
 import yaml
 
 import dlip
-from dlip.bench import machine
+from dlip.cli.train import pretrain_main as pretrain
 from dlip.data.karpathy import load_eval_set
+from dlip.fileio import machine
 from dlip.losses.itc import itc_loss
 from dlip.losses.itm import itm_loss
 from dlip.losses.lm import lm_loss
 from dlip.tokenizer import get_tokenizer, pre_caption
-from dlip.train.pretrain import main as pretrain
 from dlip.transforms import eval_transform, load_image
 
 TEACHER_YAML = "configs/pretrain/tiny_synth_teacher.yaml"

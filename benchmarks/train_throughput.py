@@ -39,12 +39,13 @@ import torch
 from torch import Tensor
 
 import dlip
-from dlip.bench import machine
+from dlip.fileio import machine
 from dlip.tokenizer import Tokenizer
 from dlip.train.config import PretrainConfig, load
-from dlip.train.loop import train_step
+from dlip.train.loop import seed_everything, train_step
 from dlip.train.optim import build_optimizer
-from dlip.train.pretrain import build_task, load_teacher, seed_everything
+from dlip.train.pretrain import build_task
+from dlip.train.task import load_teacher
 
 TEACHER = "blip_base"
 RECIPES = {

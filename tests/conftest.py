@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dlip
-from dlip.config import ModelConfig
+from dlip.models.config import ModelConfig
 from dlip.models.presets import get_config
 
 

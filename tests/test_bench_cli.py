@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dlip.benchmarks.latency import candidate_texts, percentile
+from dlip.bench.latency import candidate_texts, percentile
 from dlip.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

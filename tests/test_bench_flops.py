@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dlip.bench import flop_counts
+from dlip.models.counting import flop_counts
 from dlip.models.presets import create_model, get_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

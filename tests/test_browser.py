@@ -17,8 +17,8 @@ import pytest
 
 import dlip
 from dlip.data.synthetic import synthesize
-from dlip.index import build_index
-from dlip.inference import Predictor
+from dlip.inference.index import build_index
+from dlip.inference.predictor import Predictor
 
 CHROMIUM = "/usr/bin/chromium"
 PHOTO = Path(dlip.__file__).parent / "assets" / "photos" / "chelsea.jpg"

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import dlip
-from dlip.config import ConfigError, ModelConfig, TextConfig, VisionConfig
+from dlip.config import ConfigError
 from dlip.models.blip import BLIP
+from dlip.models.config import ModelConfig, TextConfig, VisionConfig
 
 PRESETS = ["blip_base", "blip_large", "dlip_base", "dlip_small", "dlip_tiny", "test_tiny"]
 

@@ -16,7 +16,6 @@ import torch
 
 import dlip
 from dlip.cli import main
-from dlip.config import ModelConfig
 from dlip.data.datasets import eval_texts
 from dlip.data.karpathy import load_eval_set
 from dlip.data.synthetic import synthesize
@@ -30,6 +29,7 @@ from dlip.eval.retrieval import (
     tokenize_texts,
 )
 from dlip.losses.itm import with_first_token
+from dlip.models.config import ModelConfig
 from dlip.models.presets import get_config
 from dlip.tokenizer import get_tokenizer
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import dlip
-from dlip import export
 from dlip.cli import main
-from dlip.config import ModelConfig
+from dlip.inference import onnx as export
 from dlip.losses.itm import with_first_token
+from dlip.models.config import ModelConfig
 from dlip.models.presets import get_config
 from dlip.tokenizer import get_tokenizer
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import dlip
+from dlip.cli.train import finetune_main as main
 from dlip.config import ConfigError
 from dlip.data.synthetic import synthesize
 from dlip.eval.common import RESULTS_JSON
 from dlip.losses.itc import itc_loss
 from dlip.losses.lm import lm_loss
 from dlip.tokenizer import get_tokenizer
-from dlip.train.config import load
-from dlip.train.finetune import build_task, load_config, main, prompt_length
-from dlip.train.finetune_config import FinetuneConfig
+from dlip.train.config import FinetuneConfig, load
+from dlip.train.finetune import build_task, load_config, prompt_length
 
 RECALL_KEYS = {"txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10"}
 RECALL_KEYS |= {"img_r_mean", "r_mean"}

@@ -15,8 +15,8 @@ from PIL import Image
 import dlip
 from dlip.cli import main
 from dlip.data.synthetic import synthesize
-from dlip.index import FEATURES_FILE, INDEX_JSON, ImageIndex, build_index
-from dlip.inference import BadImage, Predictor
+from dlip.inference.index import FEATURES_FILE, INDEX_JSON, ImageIndex, build_index
+from dlip.inference.predictor import BadImage, Predictor
 from dlip.losses.itm import with_first_token
 from dlip.transforms import eval_transform, load_image
 

@@ -8,8 +8,8 @@ from functools import cache
 import pytest
 
 import dlip
-from dlip.bench import model_info
 from dlip.cli import main
+from dlip.models.counting import model_info
 
 
 @cache

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dlip
+from dlip import distributed as D
 from dlip.losses.itc import (
     FeatureQueue,
     alpha_at,
@@ -26,7 +27,6 @@ from dlip.losses.itc import (
 from dlip.losses.itm import build_itm_batch, itm_loss, sample_negatives, with_first_token
 from dlip.losses.lm import lm_loss, lm_targets, token_cross_entropy
 from dlip.tokenizer import Tokenizer
-from dlip.train import distributed as D
 
 torch.set_num_threads(1)
 

@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dlip
-from dlip.config import ModelConfig, TextConfig, VisionConfig
 from dlip.models import generation, io, text, vision
 from dlip.models.blip import BLIP
+from dlip.models.config import ModelConfig, TextConfig, VisionConfig
 from dlip.models.outputs import Taps
 from dlip.models.text import KVCache
 from dlip.models.vision import resize_pos_embed

@@ -11,16 +11,19 @@ import pytest
 import torch
 
 import dlip
-from dlip.config import ConfigError, ModelConfig
+from dlip.cli.train import pretrain_main as main
+from dlip.config import ConfigError
 from dlip.data.synthetic import synthesize
 from dlip.losses.adapters import KD_TERMS
+from dlip.models.config import ModelConfig
 from dlip.models.presets import get_config
 from dlip.tokenizer import get_tokenizer
 from dlip.train.checkpoint import find_latest, load_checkpoint
 from dlip.train.config import load
-from dlip.train.loop import build_loader, loss_weights, to_inputs, total_loss, train_step
+from dlip.train.loop import loss_weights, to_inputs, total_loss, train_step
 from dlip.train.optim import build_optimizer
-from dlip.train.pretrain import build_task, load_teacher, main
+from dlip.train.pretrain import build_loader, build_task
+from dlip.train.task import load_teacher
 
 KD_ON = list(KD_TERMS)  # every term, each weight 1
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from dlip.cli.train import pretrain_main as main
 from dlip.data.common import read_manifest, write_manifest
 from dlip.data.shards import INDEX_NAME, write_shards
 from dlip.data.synthetic import synthesize
 from dlip.models.presets import get_config
 from dlip.train.config import load
-from dlip.train.loop import build_loader, epoch_batches
-from dlip.train.pretrain import main
+from dlip.train.loop import epoch_batches
+from dlip.train.pretrain import build_loader
 from dlip.train.wds_loader import WdsLoader
 from dlip.transforms import eval_transform, train_transform
 

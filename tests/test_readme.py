@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import dlip
-from dlip.bench import meta_model, param_counts
+from dlip.models.counting import meta_model, param_counts
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -24,9 +24,9 @@ from PIL import Image
 
 import dlip
 from dlip.data.synthetic import synthesize
-from dlip.index import ImageIndex, build_index
-from dlip.inference import Predictor
-from dlip.serve import create_app
+from dlip.inference.index import ImageIndex, build_index
+from dlip.inference.predictor import Predictor
+from dlip.inference.serve import create_app
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 UPLOAD_LIMIT = 1024 * 1024  # the servers run with --max-upload-mb 1

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import dlip
-from dlip.config import ConfigError, ModelConfig
+from dlip.config import ConfigError
+from dlip.models.config import ModelConfig
 from dlip.models.init import (
     apply_init,
     init_from_teacher,
@@ -19,7 +20,8 @@ from dlip.models.init import (
 )
 from dlip.models.presets import get_config
 from dlip.train.config import load
-from dlip.train.pretrain import build_task, load_teacher
+from dlip.train.pretrain import build_task
+from dlip.train.task import load_teacher
 
 
 def tiny(vision: dict | None = None, text: dict | None = None) -> ModelConfig:

@@ -13,7 +13,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 import dlip
-from dlip.config import CLIP_MEAN, CLIP_STD
+from dlip.models.config import CLIP_MEAN, CLIP_STD
 from dlip.transforms import (
     RAND_AUGMENT_OPS,
     RandomAugment,

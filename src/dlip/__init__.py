@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "BLIP": "dlip.models.blip",
-    "ModelConfig": "dlip.config",
-    "TextConfig": "dlip.config",
-    "VisionConfig": "dlip.config",
+    "ModelConfig": "dlip.models.config",
+    "TextConfig": "dlip.models.config",
+    "VisionConfig": "dlip.models.config",
     "create_model": "dlip.models.presets",
     "get_config": "dlip.models.presets",
     "list_presets": "dlip.models.presets",

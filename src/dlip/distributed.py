@@ -141,3 +141,15 @@ def shard_range(n: int) -> range:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
+
+
+def close_process_group() -> None:
+    """Destroy the process group, if any (a command's last step under torchrun)."""
+    if is_dist():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if is_dist():
+        dist.barrier()

@@ -1,9 +1,11 @@
-"""Small file helpers shared by the data, model and training code."""
+"""Small helpers every layer shares: atomic file writes, and `machine()`, the hardware and
+versions every measurement and results file names."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -22,3 +24,32 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, data: Any) -> Path:
     """`data` as indented JSON, written atomically (`atomic_write_text`)."""
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, str]:
+    """The hardware and versions a measurement was made with (every results JSON names it)."""
+    import torch
+
+    from dlip import __version__
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dlip": __version__,
+    }

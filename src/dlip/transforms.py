@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -25,7 +26,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from dlip.config import ModelConfig
+if TYPE_CHECKING:  # type hints only: transforms sit below the model package
+    from dlip.models.config import ModelConfig
 
 RAND_AUGMENT_OPS = (
     "Identity",

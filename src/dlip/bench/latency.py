@@ -10,8 +10,9 @@ nearest-rank p95 (= the max when repeats < 20) and the median per item. Rows:
   in one batch, [ENC] first, trimmed to the longest text; with `fusion_layers=k` the text-only
   layers once per text). Texts are 9-word captions (11 tokens).
 - `caption` (batch 1, 8): `generate_ids` with 3 beams and a fixed length of 20 tokens (prompt
-  included; min_length = max_length = 20), the length `dlip.bench`'s `caption_3beam` FLOPs
-  count: random weights would stop at arbitrary lengths, which would make models incomparable.
+  included; min_length = max_length = 20), the length `dlip.models.counting`'s
+  `caption_3beam` FLOPs count: random weights would stop at arbitrary lengths, which would
+  make models incomparable.
 Speed-ups are teacher median / model median for the same row, from this one run.
 On CPU everything is fp32 with `threads` intra-op threads; on CUDA the calls run under bf16
 autocast and each timed call is bracketed by torch.cuda.synchronize.
@@ -29,7 +30,7 @@ from datetime import datetime, timezone
 import torch
 from torch import Tensor
 
-from dlip.bench import machine
+from dlip.fileio import machine
 from dlip.models.blip import BLIP
 
 TEACHER = "blip_base"

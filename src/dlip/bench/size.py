@@ -1,14 +1,15 @@
 """Parameters and forward FLOPs of the presets at 224 and 384 px, with ratios to the teacher.
 
 Counting is exact and machine-independent (meta device, torch.utils.flop_counter; conventions
-in `dlip.bench`); the record still names the machine and versions that produced it.
+in `dlip.models.counting`); the record still names the machine and versions that produced it.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from dlip.bench import machine, model_info
+from dlip.fileio import machine
+from dlip.models.counting import model_info
 from dlip.models.presets import get_config, list_presets
 
 TEACHER = "blip_base"

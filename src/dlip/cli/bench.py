@@ -1,9 +1,35 @@
-"""`dlip bench size|latency|all`: run the benchmarks and write their JSON records."""
+"""`dlip bench size|latency|all`: run the benchmarks (dlip.bench) and write their JSON records.
+
+dlip bench size|latency|all [--out-dir benchmarks/results] [--models ...] [--device cpu|cuda]
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="params/FLOPs per task, latency teacher vs students -> JSON records",
+        description="size: params and FLOPs of the presets at 224/384 px vs blip_base. latency: "
+        "one run, warm-up then medians: image embedding, ITM re-rank of k texts, 3-beam captions.",
+    )
+    p.add_argument("what", choices=["size", "latency", "all"])
+    p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON records go")
+    p.add_argument(
+        "--models",
+        default="blip_base,dlip_base,dlip_small,dlip_tiny",
+        help="latency: presets to time (size counts every preset but test_tiny)",
+    )
+    p.add_argument("--teacher", default="blip_base", help="latency speed-ups are against this")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cuda: bf16 autocast)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per row (all rows)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per row (all rows)")
+    p.set_defaults(func=cmd_bench)
 
 
 def write_record(record: dict, path: Path) -> Path:
@@ -29,13 +55,13 @@ def _models(spec: str) -> list[str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     if args.what in ("size", "all"):
-        from dlip.benchmarks.size import run_size, summary
+        from dlip.bench.size import run_size, summary
 
         record = run_size()
         print(summary(record))
         write_record(record, out_dir / "model_size.json")
     if args.what in ("latency", "all"):
-        from dlip.benchmarks.latency import run_latency
+        from dlip.bench.latency import run_latency
 
         record = run_latency(
             _models(args.models),

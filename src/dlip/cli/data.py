@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 
-def add_data_parser(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="prepare data: manifests, shards, synthetic set")
     cmds = data.add_subparsers(dest="data_command", required=True)
 
@@ -35,12 +35,12 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
         help="Karpathy val/test JSONs: drop their COCO / Flickr30K images from the mix",
     )
     p.add_argument("--no-dedupe", action="store_true", help="keep repeated image+caption rows")
-    p.set_defaults(func="dlip.data.cli:cmd_merge")
+    p.set_defaults(func=cmd_merge)
 
     p = cmds.add_parser("export-json", help="the seed's all.json: [{caption, image_root, id}]")
     p.add_argument("manifests", nargs="+", type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(func="dlip.data.cli:cmd_export_json")
+    p.set_defaults(func=cmd_export_json)
 
     p = cmds.add_parser("synth", help="procedurally generated image-caption dataset")
     p.add_argument("--out", required=True, type=Path)
@@ -48,7 +48,7 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synth output")
-    p.set_defaults(func="dlip.data.cli:cmd_synth")
+    p.set_defaults(func=cmd_synth)
 
     p = cmds.add_parser("shard", help="write webdataset shards from a manifest (resumable)")
     p.add_argument("manifest", type=Path)
@@ -58,7 +58,7 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--workers", type=int, default=0, help="encoding processes (0 = inline)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
-    p.set_defaults(func="dlip.data.cli:cmd_shard")
+    p.set_defaults(func=cmd_shard)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -105,7 +105,7 @@ def _add_build_parsers(cmds: argparse._SubParsersAction) -> None:
         help="where images inside tar / parquet shards are written (default: <out>_images/)",
     )
     p.add_argument("--verify", action="store_true", help="fully decode every image")
-    p.set_defaults(func="dlip.data.cli:cmd_build")
+    p.set_defaults(func=cmd_build)
 
     p = kinds.add_parser("vg", help="Visual Genome region_descriptions.json + VG_100K{,_2}")
     p.add_argument("root", type=Path)
@@ -113,20 +113,20 @@ def _add_build_parsers(cmds: argparse._SubParsersAction) -> None:
     p.add_argument("--min-words", type=int, default=3)
     p.add_argument("--min-area", type=float, default=0.1, help="region area / image area")
     p.add_argument("--max-per-image", type=int, default=10)
-    p.set_defaults(func="dlip.data.cli:cmd_build")
+    p.set_defaults(func=cmd_build)
 
     p = kinds.add_parser("karpathy", help="COCO / Flickr30K Karpathy JSON (BLIP / LAVIS form)")
     p.add_argument("annotation", type=Path)
     p.add_argument("--images", required=True, type=Path, help="image root of the paths")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dataset", choices=["coco", "flickr30k"], default=None)
-    p.set_defaults(func="dlip.data.cli:cmd_build")
+    p.set_defaults(func=cmd_build)
 
     p = kinds.add_parser("flickr30k-csv", help="Flickr30K Kaggle results.csv (pipe-delimited)")
     p.add_argument("csv", type=Path)
     p.add_argument("--images", required=True, type=Path, help="the flickr30k_images folder")
     p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(func="dlip.data.cli:cmd_build")
+    p.set_defaults(func=cmd_build)
 
 
 def _rows(args: argparse.Namespace, report):

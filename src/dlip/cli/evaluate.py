@@ -1,5 +1,5 @@
-"""`dlip eval retrieval|caption`: argument parsing only (the work is in retrieval.py and
-captioning.py, imported when the command runs, so `dlip --help` stays light).
+"""`dlip eval retrieval|caption`: the arguments of dlip.eval's `run_retrieval_eval` and
+`run_caption_eval`, imported when the command runs (so `dlip --help` stays light).
 
     dlip eval retrieval --model DIR --data KARPATHY_TEST.json --images ROOT --out DIR [--k K]
     dlip eval caption   --model DIR --data KARPATHY_TEST.json --images ROOT --out DIR
@@ -23,7 +23,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="dataset name for results.json / ids")
 
 
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate retrieval (recall@k) or captioning (COCO metrics)")
     tasks = p.add_subparsers(dest="task", required=True)
 
@@ -37,7 +37,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--k", type=int, default=256, help="candidates re-ranked per query (BLIP: 256)")
     r.add_argument("--itm-batch", type=int, default=128, help="image-text pairs per ITM forward")
     r.add_argument("--max-words", type=int, default=30, help="pre_caption word limit")
-    r.set_defaults(func="dlip.eval.retrieval:cmd_eval_retrieval")
+    r.set_defaults(func=cmd_eval_retrieval)
 
     c = tasks.add_parser(
         "caption",
@@ -50,4 +50,34 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--min-length", type=int, default=5, help="tokens, prompt included")
     c.add_argument("--repetition-penalty", type=float, default=1.0)
     c.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jar)")
-    c.set_defaults(func="dlip.eval.captioning:cmd_eval_caption")
+    c.set_defaults(func=cmd_eval_caption)
+
+
+def _shared(args: argparse.Namespace) -> dict:
+    return {
+        "batch_size": args.batch_size, "image_size": args.image_size, "device": args.device,
+        "num_workers": args.num_workers, "dataset": args.dataset,
+    }  # fmt: skip
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from dlip.distributed import close_process_group
+    from dlip.eval.retrieval import run_retrieval_eval
+
+    run_retrieval_eval(
+        args.model, args.data, args.images, args.out, k=args.k, itm_batch=args.itm_batch,
+        max_words=args.max_words, **_shared(args),
+    )  # fmt: skip
+    close_process_group()
+    return 0
+
+
+def cmd_eval_caption(args: argparse.Namespace) -> int:
+    from dlip.eval.captioning import run_caption_eval
+
+    run_caption_eval(
+        args.model, args.data, args.images, args.out, prompt=args.prompt,
+        num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
+        repetition_penalty=args.repetition_penalty, spice=args.spice, **_shared(args),
+    )  # fmt: skip
+    return 0

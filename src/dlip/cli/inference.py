@@ -1,11 +1,13 @@
-"""`dlip caption | embed | itm | index build | search`: argparse here, torch only when a command
-runs (the command functions import dlip.inference lazily, so `dlip --help` stays light).
+"""`dlip caption | embed | itm | index build | search | serve | export`: the deploy half
+(dlip.inference), imported when a command runs so `dlip --help` stays light.
 
     dlip caption IMG... --model M [--beams N] [--sample --seed S] [--json]
     dlip embed IMG... | --text T... --model M [--out FILE.npy|FILE.safetensors] [--json]
     dlip itm IMG TEXT --model M [--json]
     dlip index build IMAGE_DIR --model M --out INDEX [--batch-size B] [--no-resume]
     dlip search INDEX "a dog on a beach" [-k 10] [--rerank 50] [--model M] [--json]
+    dlip serve --model M [--index DIR] --port P [--host 127.0.0.1]
+    dlip export onnx MODEL --out DIR [--opset N] [--image-size N] [--atol 1e-4]
 
 `--model` is required (a saved model directory or a preset name; a preset has random weights
 and says so), except for `search`, which defaults to the model recorded in the index.
@@ -28,7 +30,7 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images")
 
 
-def add_inference_parser(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("caption", help="caption images (beam search, or nucleus sampling)")
     p.add_argument("images", nargs="+", help="image files")
     _model_args(p)
@@ -41,7 +43,7 @@ def add_inference_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print [{image, caption}] as JSON")
-    p.set_defaults(func="dlip.inference_cli:cmd_caption")
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("embed", help="normalised ITC embeddings of images or texts")
     p.add_argument("images", nargs="*", help="image files")
@@ -50,14 +52,14 @@ def add_inference_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write (N, E) float32 to FILE.npy / .safetensors")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print {inputs, embeddings} as JSON")
-    p.set_defaults(func="dlip.inference_cli:cmd_embed")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("itm", help="probability that an image and a text match (ITM head)")
     p.add_argument("image")
     p.add_argument("text")
     _model_args(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func="dlip.inference_cli:cmd_itm")
+    p.set_defaults(func=cmd_itm)
 
     p = sub.add_parser("index", help="build a searchable image index")
     actions = p.add_subparsers(dest="action", required=True)
@@ -69,7 +71,7 @@ def add_inference_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
     b.add_argument("--no-resume", action="store_true", help="discard chunks of an earlier run")
     b.add_argument("--no-progress", action="store_true")
-    b.set_defaults(func="dlip.inference_cli:cmd_index_build")
+    b.set_defaults(func=cmd_index_build)
 
     p = sub.add_parser("search", help="text -> image search over an index (ITC, ITM re-rank)")
     p.add_argument("index", help="index directory (dlip index build)")
@@ -78,11 +80,41 @@ def add_inference_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank", type=int, default=None, help="re-rank the ITC top-N with ITM")
     _model_args(p, required=False)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func="dlip.inference_cli:cmd_search")
+    p.set_defaults(func=cmd_search)
+    _register_deploy(sub)
+
+
+def _register_deploy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="the demo web app: caption, ITM and search in a browser")
+    p.add_argument("--model", required=True, help="saved model directory or preset name")
+    p.add_argument("--index", default=None, help="image index directory (dlip index build)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a model to ONNX, checked against PyTorch")
+    formats = p.add_subparsers(dest="format", required=True)
+    q = formats.add_parser(
+        "onnx",
+        help="image/text encoders, ITM scorer, KV-cache caption decoder + manifest.json",
+        description="Each graph is run in onnxruntime at two batch sizes and lengths; a max abs "
+        "difference from PyTorch above --atol fails the export.",
+    )
+    q.add_argument("model", help="preset name or saved model directory")
+    q.add_argument("--out", required=True, help="output directory (graphs + manifest.json)")
+    q.add_argument("--opset", type=int, default=18)
+    q.add_argument("--image-size", type=int, default=None, help="resize pos_embed first")
+    q.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (max abs diff)")
+    q.add_argument("--graphs", default=None, help="comma list (default: all the model has)")
+    q.set_defaults(func=cmd_export)
 
 
 def _predictor(args: argparse.Namespace, model: str | None = None):
-    from dlip.inference import Predictor
+    from dlip.inference.predictor import Predictor
 
     return Predictor.load(
         model or args.model, device=args.device, dtype=args.dtype, max_pixels=args.max_pixels
@@ -153,7 +185,7 @@ def cmd_itm(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from dlip.index import build_index
+    from dlip.inference.index import build_index
 
     report = build_index(
         _predictor(args),
@@ -173,7 +205,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from dlip.index import ImageIndex
+    from dlip.inference.index import ImageIndex
 
     index = ImageIndex.load(args.index)
     model = args.model or index.meta.get("model")
@@ -186,4 +218,31 @@ def cmd_search(args: argparse.Namespace) -> int:
         for rank, h in enumerate(hits, 1):
             itm = f"  itm {h.itm:.4f}" if h.itm is not None else ""
             print(f"{rank:>3}  {h.score:.4f}  itc {h.itc:.4f}{itm}  {h.path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dlip.inference.serve import serve
+
+    serve(
+        args.model, index=args.index, host=args.host, port=args.port, device=args.device,
+        dtype=args.dtype, max_upload_mb=args.max_upload_mb, log_level=args.log_level,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`dlip export onnx MODEL --out DIR`: export, check parity, print a summary."""
+    from dlip.inference.onnx import MANIFEST, export_onnx
+    from dlip.models.io import resolve
+
+    model = resolve(args.model)
+    if args.image_size:
+        model.set_image_size(args.image_size)
+    graphs = args.graphs.split(",") if args.graphs else None
+    manifest = export_onnx(model, args.out, args.opset, args.atol, graphs, source=args.model)
+    for name, entry in manifest["graphs"].items():
+        diff = max(entry["parity_max_abs_diff"].values())
+        print(f"{name:<14} {entry['file']:<20} parity max abs diff {diff:.2e}")
+    print(f"wrote {Path(args.out) / MANIFEST}")
     return 0

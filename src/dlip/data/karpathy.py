@@ -1,6 +1,7 @@
 """The Karpathy splits of COCO and Flickr30K as BLIP / LAVIS ship them, and the Kaggle CSV.
 
-BLIP/LAVIS JSONs (REFERENCE.md section 4) are one JSON list per split:
+BLIP/LAVIS JSONs (as salesforce/BLIP data/coco_karpathy_dataset.py and flickr30k_dataset.py
+read them) are one JSON list per split:
 
 - train (`coco_karpathy_train.json`, `flickr30k_train.json`): one entry per caption,
   `{"caption": str, "image": "val2014/COCO_val2014_000000328757.jpg", "image_id": ...}`;

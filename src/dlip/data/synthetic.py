@@ -378,8 +378,7 @@ def read_scenes(path: Path) -> dict[str, Scene]:
 
 def _split_sizes(n_images: int, n_val: int | None, n_test: int | None) -> dict[str, int]:
     default = max(MIN_EVAL_IMAGES, round(0.1 * n_images))
-    n_val = default if n_val is None else n_val
-    n_test = default if n_test is None else n_test
+    n_val, n_test = (default if n is None else n for n in (n_val, n_test))
     if n_val < 1 or n_test < 1 or n_images - n_val - n_test < 1:
         raise ValueError(
             f"n_images={n_images} leaves no room for a train split next to {n_val} val and "
@@ -399,8 +398,7 @@ def _check_args(
         (max_objects not in (2, 3), f"max_objects must be 2 or 3, got {max_objects}"),
         (fmt not in ("jpg", "png"), f"image_format must be 'jpg' or 'png', got {fmt!r}"),
     )
-    errors = [msg for bad, msg in checks if bad]
-    if errors:
+    if errors := [msg for bad, msg in checks if bad]:
         raise ValueError("; ".join(errors))
 
 
@@ -480,26 +478,20 @@ def synthesize(
 def synthesize_once(out_dir: Path | str, n_images: int, seed: int, image_size: int) -> Path:
     """`synthesize` into `out_dir` unless a complete set is there (its manifest.jsonl, written
     last); under torch.distributed rank 0 builds and every rank waits. Returns `out_dir`."""
-    from dlip.train.distributed import is_dist, is_main_process
+    from dlip.distributed import barrier, is_main_process
 
     out = Path(out_dir)
     if is_main_process() and not (out / "manifest.jsonl").is_file():
         synthesize(out, n_images, seed=seed, image_size=image_size, overwrite=True)
-    if is_dist():
-        import torch.distributed as dist
-
-        dist.barrier()
+    barrier()
     return out
 
 
 def _write_annotations(
     out_dir: Path, records: list[dict], train: list[dict], evals: dict[str, list[dict]]
 ) -> tuple[Path, ...]:
-    for name, anns in (
-        ("train.json", train),
-        ("val.json", evals["val"]),
-        ("test.json", evals["test"]),
-    ):
+    splits = (train, evals["val"], evals["test"])
+    for name, anns in zip(("train.json", "val.json", "test.json"), splits, strict=True):
         atomic_write_text(out_dir / name, json.dumps(anns, ensure_ascii=False))
     atomic_write_text(out_dir / "scenes.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     rows = ({**t, "image": str(out_dir / t["image"]), "source": "synth"} for t in train)

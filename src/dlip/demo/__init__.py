@@ -1,6 +1,7 @@
 """`dlip demo`: the whole DLIP story on synthetic data, on a CPU, with nothing downloaded.
 
     dlip demo [--out runs/demo] [--quick] [--fresh] [--threads N]
+    dlip.demo.run_demo("runs/demo", quick=True)  # the same from Python
 
 A BLIP-shaped teacher is pretrained from scratch; a ~4x smaller student is distilled from it
 (KD) and, for comparison, trained without KD for the same steps; all three are finetuned for
@@ -11,7 +12,6 @@ live in dlip.demo.pipeline, sizes in dlip.demo.plan.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -24,29 +24,27 @@ TIMINGS_FILE = "timings.json"
 SYNTH_SAMPLES = 4  # synthetic test images captioned in the report
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a ~2-minute run with tiny budgets")
-    p.add_argument("--fresh", action="store_true", help="delete an earlier run in --out first")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
+def run_demo(
+    out: str | Path = "runs/demo",
+    quick: bool = False,
+    fresh: bool = False,
+    threads: int | None = None,
+) -> Path:
+    """The whole demo into `out` (resumed when its folder holds an interrupted run of the same
+    plan; `fresh` deletes an earlier demo run first); returns the report's path."""
     import torch
 
     from dlip.demo.pipeline import PLAN_FILE, Layout, pin_plan, run_stages, stages
 
-    plan = DemoPlan.quick() if args.quick else DemoPlan.full()
-    lay = Layout(Path(args.out).resolve())
-    if args.fresh and lay.root.exists():
+    plan = DemoPlan.quick() if quick else DemoPlan.full()
+    lay = Layout(Path(out).resolve())
+    if fresh and lay.root.exists():
         if not (lay.root / PLAN_FILE).is_file():
             raise SystemExit(f"--fresh: {lay.root} is not a demo run folder (no {PLAN_FILE})")
         shutil.rmtree(lay.root)
     pin_plan(plan, lay)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     print(f"dlip demo ({plan.name}) -> {lay.root}   torch threads: {torch.get_num_threads()}")
     start = time.perf_counter()
     from dlip.eval.captioning import meteor_session
@@ -59,7 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report = write_report(results, lay.root)
     print(f"\n{summary(results)}\nreport: {report}\nresults: {lay.root / 'results.json'}")
-    return 0
+    return report
 
 
 def _merge_timings(root: Path, now: dict[str, float]) -> dict[str, float]:
@@ -106,8 +104,7 @@ def sample_images(lay) -> tuple[dict[str, Path], dict[str, list[str]]]:
 
 
 def collect(plan: DemoPlan, lay, seconds: dict[str, float], wall: float) -> dict[str, Any]:
-    from dlip.bench import machine
-    from dlip.fileio import write_json
+    from dlip.fileio import machine, write_json
 
     images, refs = sample_images(lay)
     results: dict[str, Any] = {

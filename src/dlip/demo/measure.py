@@ -34,7 +34,7 @@ def latency_ms(models: dict[str, tuple[BLIP, BLIP]], k: int, repeats: int) -> di
     models (the order reversed every repeat) on one thread, so machine load hits all alike:
     millisecond calls of tiny models are otherwise dominated by noise and thread hand-offs.
     """
-    from dlip.benchmarks.latency import Workloads
+    from dlip.bench.latency import Workloads
 
     device = torch.device("cpu")
     calls: dict[str, dict[str, Callable[[], object]]] = {}
@@ -79,8 +79,9 @@ def sample_captions(captioner: BLIP, images: dict[str, Path]) -> dict[str, str]:
 
 
 def size_and_flops(model: BLIP) -> dict:
-    """Parameters (the whole model, tied weights once) and forward FLOPs per task (dlip.bench)."""
-    from dlip.bench import model_info
+    """Parameters (the whole model, tied weights once) and forward FLOPs per task
+    (dlip.models.counting)."""
+    from dlip.models.counting import model_info
 
     info = model_info(model.config)
     return {"params": info["params"]["total"], "flops": info["flops"]}

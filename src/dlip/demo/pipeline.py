@@ -155,29 +155,31 @@ def make_data(plan: DemoPlan, lay: Layout) -> None:
     print(f"images {report.images}, captions {report.captions} -> {lay.data}")
 
 
-def _resume_args(run_dir: Path) -> list[str]:
-    """`--resume latest` when an interrupted run left a checkpoint in `run_dir`."""
+def _resume(run_dir: Path) -> str | None:
+    """ "latest" when an interrupted run left a checkpoint in `run_dir` (`--resume latest`)."""
     from dlip.train.checkpoint import find_latest
 
     latest = find_latest(run_dir)
     if latest is None:
-        return []
+        return None
     print(f"resuming from {latest}")
-    return ["--resume", "latest"]
+    return "latest"
 
 
 def pretrain(path: Path, run_dir: Path) -> None:
     """`dlip pretrain --config PATH [--resume latest]`."""
-    from dlip.train.pretrain import main
+    from dlip.train.config import load
+    from dlip.train.pretrain import pretrain as run_pretrain
 
-    main(["--config", str(path), *_resume_args(run_dir)])
+    run_pretrain(load(path), resume=_resume(run_dir))
 
 
 def finetune(path: Path, task: str, run_dir: Path) -> None:
     """`dlip finetune TASK --config PATH [--resume latest]` (trains, then tests the best)."""
-    from dlip.train.finetune import main
+    from dlip.train.finetune import finetune as run_finetune
+    from dlip.train.finetune import load_config
 
-    main([task, "--config", str(path), *_resume_args(run_dir)])
+    run_finetune(load_config(task, str(path), []), resume=_resume(run_dir))
 
 
 def stages(plan: DemoPlan, lay: Layout) -> list[Stage]:

@@ -1,5 +1,6 @@
-"""Captioning evaluation (REFERENCE.md section 5.2): beam search over a Karpathy val/test split,
-scored with pycocoevalcap as COCOEvalCap does.
+"""Captioning evaluation as BLIP runs it (salesforce/BLIP train_caption.py, models/blip.py
+`generate`): beam search over a Karpathy val/test split, scored with pycocoevalcap as
+COCOEvalCap does.
 
     dlip eval caption --model DIR --data coco_karpathy_test.json --images ROOT --out DIR
     torchrun --nproc_per_node=N -m dlip eval caption ...   (images sharded across ranks)
@@ -18,7 +19,6 @@ offline); otherwise results.json records `"SPICE": null` and the reason.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import time
@@ -247,7 +247,7 @@ def _local_captions(
     from torch.utils.data import DataLoader, Subset
 
     from dlip.data.datasets import EvalImageDataset
-    from dlip.train.distributed import shard_range
+    from dlip.distributed import shard_range
     from dlip.transforms import eval_transform
 
     dataset = EvalImageDataset(eval_set, eval_transform(model.config))
@@ -264,7 +264,7 @@ def _local_captions(
 
 def _gather_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
     """Every rank's pairs on rank 0 in rank order (None elsewhere); `pairs` in one process."""
-    from dlip.train.distributed import get_rank, get_world_size, is_dist
+    from dlip.distributed import get_rank, get_world_size, is_dist
 
     if not is_dist():
         return pairs
@@ -294,7 +294,7 @@ def merge_captions(pairs: list[tuple[str, str]], image_ids: Sequence[str]) -> di
 
 def _share(value: Any) -> Any:
     """Rank 0's `value` on every rank (identity in one process)."""
-    from dlip.train.distributed import is_dist
+    from dlip.distributed import is_dist
 
     if not is_dist():
         return value
@@ -322,7 +322,7 @@ def evaluate_captions(
     scale) reaches every rank, so ranks agree on e.g. the best checkpoint; `predictions`
     {image_id: caption} is filled on rank 0 only ({} elsewhere). Every rank must call it.
     """
-    from dlip.train.distributed import get_rank
+    from dlip.distributed import get_rank
 
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # generation needs BLIP's methods, not DDP's forward
@@ -381,72 +381,76 @@ def _markdown(name: str, metrics: Mapping[str, float | None], spice: Mapping[str
     return "\n".join(lines)
 
 
-def _dataset_name(args: argparse.Namespace) -> tuple[str | None, str]:
-    """(dataset for image ids: coco/flickr30k/None, name for results.json)."""
-    from dlip.data.karpathy import DATASETS
-
-    given = args.dataset
-    return (given if given in DATASETS else None), (given or Path(args.data).stem)
-
-
-def _load(args: argparse.Namespace, device: torch.device) -> BLIP:
-    from dlip.eval.common import load_eval_model
-
-    model = load_eval_model(args.model, device)
-    if not model.config.has_decoder:
-        raise ValueError(
-            f"--model {args.model}: {model.config.name!r} has no decoder (has_decoder=false, "
-            "e.g. a retrieval checkpoint); captioning needs a caption or pretraining checkpoint"
-        )
-    if args.image_size:
-        model.set_image_size(args.image_size)
-    return model
-
-
-def cmd_eval_caption(args: argparse.Namespace) -> int:
-    """`dlip eval caption`: generate, score, write results.json, results.md and captions.json."""
+def run_caption_eval(
+    model: str,
+    data: str,
+    images: str,
+    out: str | Path,
+    *,
+    prompt: str = PROMPT,
+    num_beams: int = 3,
+    max_length: int = 20,
+    min_length: int = 5,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 64,
+    image_size: int | None = None,
+    device: str = "auto",
+    num_workers: int = 2,
+    dataset: str | None = None,
+    spice: bool = False,
+) -> Path | None:
+    """`dlip eval caption`: generate, score, write out/results.json, results.md and
+    captions.json; returns the json path on rank 0 (None on other ranks)."""
     import json
 
-    from dlip.data.karpathy import load_eval_set
-    from dlip.eval.common import describe_model, results_record, write_results
+    from dlip.data.karpathy import DATASETS, load_eval_set
+    from dlip.distributed import is_main_process, setup_device
+    from dlip.eval.common import (
+        dataset_record,
+        describe_model,
+        open_model,
+        results_record,
+        write_results,
+    )
     from dlip.fileio import atomic_write_text
-    from dlip.train.distributed import is_main_process, setup_device
 
     start = time.perf_counter()
     require_java()  # fail before the (long) generation, not after it
-    device = setup_device(args.device)
-    model = _load(args, device)
-    id_dataset, name = _dataset_name(args)
-    eval_set = load_eval_set(args.data, args.images, dataset=id_dataset)
+    dev = setup_device(device)
+    blip = open_model(model, dev, image_size)
+    if not blip.config.has_decoder:
+        raise ValueError(
+            f"--model {model}: {blip.config.name!r} has no decoder (has_decoder=false, "
+            "e.g. a retrieval checkpoint); captioning needs a caption or pretraining checkpoint"
+        )
+    eval_set = load_eval_set(data, images, dataset=dataset if dataset in DATASETS else None)
     if not eval_set.images:
-        raise ValueError(f"{args.data}: no images to caption")
-    settings = {
-        "prompt": args.prompt, "num_beams": args.num_beams, "max_length": args.max_length,
-        "min_length": args.min_length, "repetition_penalty": args.repetition_penalty,
-        "image_size": model.config.vision.image_size, "batch_size": args.batch_size,
+        raise ValueError(f"{data}: no images to caption")
+    gen = {
+        "prompt": prompt, "num_beams": num_beams, "max_length": max_length,
+        "min_length": min_length, "repetition_penalty": repetition_penalty,
     }  # fmt: skip
-    gen = {k: v for k, v in settings.items() if k not in ("image_size", "batch_size")}
-    out = evaluate_captions(
-        model, eval_set, **gen, batch_size=args.batch_size, device=device,
-        num_workers=args.num_workers, spice=args.spice,
+    settings = {**gen, "image_size": blip.config.vision.image_size, "batch_size": batch_size}
+    result = evaluate_captions(
+        blip, eval_set, **gen, batch_size=batch_size, device=dev, num_workers=num_workers,
+        spice=spice,
     )  # fmt: skip
     if not is_main_process():
-        return 0
-    metrics = {**out["metrics"], "SPICE": out["spice"]["value"]}
-    predictions = [{"image_id": i, "caption": c} for i, c in out["predictions"].items()]
+        return None
+    metrics = {**result["metrics"], "SPICE": result["spice"]["value"]}
+    predictions = [{"image_id": i, "caption": c} for i, c in result["predictions"].items()]
     record = results_record(
         "caption",
-        model=describe_model(args.model, model),
-        dataset={"data": str(Path(args.data).resolve()), "images": str(Path(args.images).resolve()),
-                 "name": name, "num_images": len(eval_set.images)},
+        model=describe_model(model, blip),
+        dataset=dataset_record(data, images, dataset, eval_set),
         settings=settings,
         metrics=metrics,
-        spice=out["spice"],
-        seconds={**out["seconds"], "total": time.perf_counter() - start},
+        spice=result["spice"],
+        seconds={**result["seconds"], "total": time.perf_counter() - start},
         predictions=predictions,
     )  # fmt: skip
-    atomic_write_text(Path(args.out) / CAPTIONS_JSON, json.dumps(predictions, indent=1) + "\n")
-    path = write_results(args.out, record, _markdown(model.config.name, metrics, out["spice"]))
+    atomic_write_text(Path(out) / CAPTIONS_JSON, json.dumps(predictions, indent=1) + "\n")
+    path = write_results(out, record, _markdown(blip.config.name, metrics, result["spice"]))
     shown = "  ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if v is not None)
     print(f"{shown}  (x100)\nwrote {path}", flush=True)
-    return 0
+    return path

@@ -1,4 +1,4 @@
-"""What both evaluations share: the model, the device, the results files.
+"""What both evaluations share: the model's identity and the results files.
 
 `dlip eval retrieval|caption --out DIR` writes DIR/results.json (every metric and what produced
 it: checkpoint, model config, dataset, settings, machine, date) and DIR/results.md (a markdown
@@ -21,22 +21,6 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
 
-def load_eval_model(spec: str, device: torch.device) -> BLIP:
-    """A saved model directory (strict load) or a preset name (random weights), in eval mode."""
-    from dlip.models.io import load
-    from dlip.models.presets import create_model, list_presets
-
-    if Path(spec).is_dir():
-        model = load(spec)
-    elif spec in list_presets():
-        model = create_model(spec)
-    else:
-        raise FileNotFoundError(
-            f"--model {spec!r}: not a saved model directory nor a preset ({list_presets()})"
-        )
-    return model.to(device).eval()
-
-
 def describe_model(spec: str, model: BLIP) -> dict[str, Any]:
     """The checkpoint's identity for results.json."""
     path = Path(spec)
@@ -51,8 +35,8 @@ def describe_model(spec: str, model: BLIP) -> dict[str, Any]:
 
 def results_record(task: str, **fields: Any) -> dict[str, Any]:
     """The common head of results.json: task, date, machine, then the task's fields."""
-    from dlip.bench import machine
-    from dlip.train.distributed import get_world_size
+    from dlip.distributed import get_world_size
+    from dlip.fileio import machine
 
     return {
         "task": task,
@@ -78,3 +62,25 @@ def write_results(out_dir: str | Path, record: Mapping[str, Any], markdown: str)
     out = Path(out_dir)
     atomic_write_text(out / RESULTS_MD, markdown.rstrip() + "\n")
     return write_json(out / RESULTS_JSON, record)
+
+
+def open_model(spec: str, device: torch.device, image_size: int | None = None) -> BLIP:
+    """The model to evaluate: `spec` resolved (saved directory or preset), on `device`, in
+    eval mode, at `image_size` when given (pos_embed resized)."""
+    from dlip.models.io import resolve
+
+    model = resolve(spec).to(device)
+    if image_size:
+        model.set_image_size(image_size)
+    return model
+
+
+def dataset_record(data: str, images: str, name: str | None, eval_set: Any) -> dict[str, Any]:
+    """results.json's `dataset`: the split's files, name, and how many images and texts."""
+    return {
+        "data": str(Path(data).resolve()),
+        "images": str(Path(images).resolve()),
+        "name": name or Path(data).stem,
+        "num_images": len(eval_set.images),
+        "num_texts": len(eval_set.captions),
+    }

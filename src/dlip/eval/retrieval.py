@@ -1,4 +1,5 @@
-"""Image-text retrieval evaluation with BLIP's protocol (REFERENCE.md section 5.1).
+"""Image-text retrieval evaluation with BLIP's protocol (salesforce/BLIP train_retrieval.py,
+`evaluation`; LAVIS copies it as `compute_sim_matrix`).
 
 1. Features: normalised ITC features of every image and every text (`pre_caption`, 35 tokens),
    and the vision tokens of the images, under `torch.inference_mode`.
@@ -29,10 +30,10 @@ On CUDA the forwards run under bf16 autocast; on CPU everything is fp32.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,7 +115,7 @@ def _autocast(device: torch.device) -> torch.autocast:
 
 
 def _all_gather(t: Tensor) -> Tensor:
-    from dlip.train.distributed import all_gather_no_grad
+    from dlip.distributed import all_gather_no_grad
 
     return all_gather_no_grad(t)
 
@@ -317,7 +318,7 @@ def rerank(
 
 # ------------------------------------------------------------------------------- evaluation
 def _sum_over_ranks(t: Tensor) -> Tensor:
-    from dlip.train.distributed import is_dist
+    from dlip.distributed import is_dist
 
     if is_dist():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -340,9 +341,9 @@ def evaluate_retrieval(
     fp32), "sims" (ITC, CPU), "k_i2t", "k_t2i", "seconds"}; the same on every rank.
     """
     from dlip.data.datasets import eval_texts
+    from dlip.distributed import shard_range
     from dlip.losses.itm import with_first_token
     from dlip.tokenizer import get_tokenizer
-    from dlip.train.distributed import shard_range
 
     if k < 1 or batch_size < 1 or itm_batch < 1:
         got = f"k={k}, batch_size={batch_size}, itm_batch={itm_batch}"
@@ -393,78 +394,79 @@ def evaluate_retrieval(
     }
 
 
-# ------------------------------------------------------------------------------- command
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("k", "itm_batch", "batch_size", "max_words"):
-        value = getattr(args, name)
-        if value < 1:
+# ------------------------------------------------------------------------ evaluation to a folder
+def _check_settings(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
 
 
-def cmd_eval_retrieval(args: argparse.Namespace) -> int:
-    """`dlip eval retrieval`: results.json + results.md in --out (rank 0 writes)."""
-    from pathlib import Path
-
+def run_retrieval_eval(
+    model: str,
+    data: str,
+    images: str,
+    out: str | Path,
+    *,
+    k: int = 256,
+    itm_batch: int = 128,
+    batch_size: int = 64,
+    max_words: int = 30,
+    image_size: int | None = None,
+    device: str = "auto",
+    num_workers: int = 2,
+    dataset: str | None = None,
+) -> Path | None:
+    """`dlip eval retrieval`: `model` (a saved directory or a preset) on the Karpathy-format
+    split `data` (images under `images`) -> out/results.json + results.md; returns the json
+    path on rank 0 (None on other ranks). Under torchrun every rank takes part."""
     from dlip.data.karpathy import DATASETS, load_eval_set
+    from dlip.distributed import is_dist, is_main_process, setup_device
     from dlip.eval.common import (
+        dataset_record,
         describe_model,
-        load_eval_model,
         markdown_table,
+        open_model,
         results_record,
         write_results,
     )
-    from dlip.train.distributed import is_dist, is_main_process, setup_device
 
-    _check_args(args)
-    if not Path(args.data).is_file():
-        raise FileNotFoundError(f"--data {args.data}: no such file")
-    t_start = time.perf_counter()
-    known = args.dataset if args.dataset in DATASETS else None
-    eval_set = load_eval_set(args.data, args.images, dataset=known)
-    device = setup_device(args.device)
-    model = load_eval_model(args.model, device)
-    if args.image_size:
-        model.set_image_size(args.image_size)
-    result = evaluate_retrieval(
-        model, eval_set, k=args.k, batch_size=args.batch_size, itm_batch=args.itm_batch,
-        device=device, max_words=args.max_words, num_workers=args.num_workers,
+    _check_settings(
+        k=k, itm_batch=itm_batch, batch_size=batch_size, max_words=max_words,
+        image_size=image_size,
     )  # fmt: skip
-    seconds = {**result["seconds"], "total": time.perf_counter() - t_start}
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"--data {data}: no such file")
+    t_start = time.perf_counter()
+    eval_set = load_eval_set(data, images, dataset=dataset if dataset in DATASETS else None)
+    dev = setup_device(device)
+    blip = open_model(model, dev, image_size)
+    result = evaluate_retrieval(
+        blip, eval_set, k=k, batch_size=batch_size, itm_batch=itm_batch, device=dev,
+        max_words=max_words, num_workers=num_workers,
+    )  # fmt: skip
+    path = None
     if is_main_process():
+        settings = {
+            "k": k, "k_i2t": result["k_i2t"], "k_t2i": result["k_t2i"], "itm_batch": itm_batch,
+            "image_size": blip.config.vision.image_size, "batch_size": batch_size,
+            "max_words": max_words, "text_length": TEXT_LENGTH,
+            "precision": "bf16 autocast" if dev.type == "cuda" else "fp32",
+        }  # fmt: skip
         record = results_record(
             "retrieval",
-            model=describe_model(args.model, model),
-            dataset={
-                "data": str(Path(args.data).resolve()),
-                "images": str(Path(args.images).resolve()),
-                "name": args.dataset or Path(args.data).stem,
-                "num_images": len(eval_set.images),
-                "num_texts": len(eval_set.captions),
-            },
-            settings={
-                "k": args.k,
-                "k_i2t": result["k_i2t"],
-                "k_t2i": result["k_t2i"],
-                "itm_batch": args.itm_batch,
-                "image_size": model.config.vision.image_size,
-                "batch_size": args.batch_size,
-                "max_words": args.max_words,
-                "text_length": TEXT_LENGTH,
-                "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-            },
+            model=describe_model(model, blip),
+            dataset=dataset_record(data, images, dataset, eval_set),
+            settings=settings,
             metrics=result["metrics"],
             metrics_itc=result["metrics_itc"],
-            seconds=seconds,
+            seconds={**result["seconds"], "total": time.perf_counter() - t_start},
         )
         table = markdown_table(
-            {"ITC": result["metrics_itc"], f"ITC + ITM re-rank (k={args.k})": result["metrics"]}
+            {"ITC": result["metrics_itc"], f"ITC + ITM re-rank (k={k})": result["metrics"]}
         )
-        path = write_results(args.out, record, table)
+        path = write_results(out, record, table)
         print(table)
         print(f"wrote {path}")
     if is_dist():
         dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    return path

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from dlip.fileio import atomic_write_text
-from dlip.inference import IMAGE_EXTENSIONS, BadImage, Predictor, to_pil
+from dlip.inference.predictor import IMAGE_EXTENSIONS, BadImage, Predictor, to_pil
 
 INDEX_JSON, FEATURES_FILE = "index.json", "features.safetensors"  # the final index
 CHUNK_DIR, PROGRESS_JSON = "chunks", "progress.json"  # a build in progress

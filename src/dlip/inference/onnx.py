@@ -448,19 +448,3 @@ def _manifest(
             "onnxruntime": onnxruntime.__version__,
         },
     }
-
-
-def cmd_export(args) -> int:
-    """`dlip export onnx MODEL --out DIR`: export, check parity, print a summary."""
-    from dlip.eval.common import load_eval_model
-
-    model = load_eval_model(args.model, torch.device("cpu"))
-    if args.image_size:
-        model.set_image_size(args.image_size)
-    graphs = args.graphs.split(",") if args.graphs else None
-    manifest = export_onnx(model, args.out, args.opset, args.atol, graphs, source=args.model)
-    for name, entry in manifest["graphs"].items():
-        diff = max(entry["parity_max_abs_diff"].values())
-        print(f"{name:<14} {entry['file']:<20} parity max abs diff {diff:.2e}")
-    print(f"wrote {Path(args.out) / MANIFEST}")
-    return 0

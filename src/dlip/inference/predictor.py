@@ -1,4 +1,5 @@
-"""Inference API: `Predictor` (caption, embed, ITM, search; the on-disk index is dlip.index).
+"""Inference API: `Predictor` (caption, embed, ITM, search; the on-disk index is
+dlip.inference.index).
 
 Inputs are paths, PIL images, HxWx3 / HxW uint8 numpy arrays or encoded bytes; a bad one raises
 `BadImage` (a ValueError) naming its index and the reason (`dlip.data.common.REASONS` names).
@@ -31,7 +32,7 @@ from torch import Tensor
 from dlip.models.blip import BLIP
 
 if TYPE_CHECKING:
-    from dlip.index import ImageIndex
+    from dlip.inference.index import ImageIndex
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | bytes
 DEFAULT_MAX_PIXELS = 64_000_000  # far above any photo, far below what exhausts memory
@@ -175,27 +176,19 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> Predictor:
         """A saved model directory (strict load) or a preset name (random weights, warns)."""
-        from dlip.models.io import load
-        from dlip.models.presets import create_model, list_presets
+        from dlip.models.io import is_preset, resolve
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device != "auto":
             dev = torch.device(device)
-        if Path(path_or_preset).is_dir():
-            model, spec = load(path_or_preset), str(Path(path_or_preset).resolve())
-        elif path_or_preset in list_presets():
-            if path_or_preset not in _warned_presets:
-                _warned_presets.add(path_or_preset)
-                warnings.warn(
-                    f"preset {path_or_preset!r} has random weights: outputs are meaningless "
-                    "(pass a saved model directory for real predictions)",
-                    stacklevel=2,
-                )
-            model, spec = create_model(path_or_preset), path_or_preset
-        else:
-            raise FileNotFoundError(
-                f"model {path_or_preset!r}: not a saved model directory nor a preset "
-                f"({', '.join(list_presets())})"
+        model = resolve(path_or_preset)  # neither a directory nor a preset: FileNotFoundError
+        spec = path_or_preset if is_preset(path_or_preset) else str(Path(path_or_preset).resolve())
+        if is_preset(path_or_preset) and path_or_preset not in _warned_presets:
+            _warned_presets.add(path_or_preset)
+            warnings.warn(
+                f"preset {path_or_preset!r} has random weights: outputs are meaningless "
+                "(pass a saved model directory for real predictions)",
+                stacklevel=2,
             )
         return cls(model, dev, dtype, max_pixels, spec)
 
@@ -378,16 +371,6 @@ def model_fingerprint(model: BLIP) -> str:
 
 
 # ------------------------------------------------------------------------------- sampling
-def _nucleus(logits: Tensor, top_p: float, gen: torch.Generator | None) -> Tensor:
-    """(B, V) logits -> (B,) ids drawn from the smallest set with probability >= top_p."""
-    probs = logits.softmax(-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    cum = sorted_p.cumsum(-1)
-    sorted_p = sorted_p.masked_fill(cum - sorted_p >= top_p, 0.0)  # the first always stays
-    pick = torch.multinomial(sorted_p, 1, generator=gen)  # (B, 1), renormalises itself
-    return order.gather(1, pick)[:, 0]
-
-
 @torch.no_grad()
 def sample_captions(
     model: BLIP,
@@ -401,32 +384,16 @@ def sample_captions(
     gen: torch.Generator | None,
     tokenizer,
 ) -> list[str]:
-    """Nucleus sampling over the KV-cached decoder (`generation._Decoder`), lengths as beam
-    search (prompt counted); the prompt is stripped from the returned text."""
-    from dlip.models.generation import _Decoder, _repetition_penalty, _trim, prompt_ids
+    """Nucleus sampling over the KV-cached decoder, lengths as beam search (prompt counted);
+    the prompt is stripped from the returned text."""
+    from dlip.models.generation import decode_captions, nucleus, prompt_ids, token_by_token
 
     eos = tokenizer.sep_token_id
     seqs = prompt_ids(tokenizer, prompt, pixels.shape[0], pixels.device)  # (B, L0)
     if max_length <= seqs.shape[1]:
         raise ValueError(f"max_length {max_length} leaves no room after the prompt")
-    dec = _Decoder(model, model.encode_image(pixels).tokens)
-    done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
-    logits = dec.step(seqs, seqs.shape[1])
-    while seqs.shape[1] < max_length:
-        logits = _repetition_penalty(logits, seqs, repetition_penalty) / temperature
-        if seqs.shape[1] < min_length:
-            logits[:, eos] = float("-inf")
-        nxt = torch.where(done, eos, _nucleus(logits, top_p, gen))  # (B,)
-        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-        done |= nxt == eos
-        if done.all():
-            break
-        logits = dec.step(nxt[:, None], seqs.shape[1])
-    rows = [_trim(r, eos) for r in seqs.tolist()]
-    texts = tokenizer.batch_decode(
-        rows, skip_special_tokens=True, clean_up_tokenization_spaces=True
-    )
-    return [t[len(prompt) :].strip() if t.startswith(prompt.strip()) else t.strip() for t in texts]
-
-
-# ------------------------------------------------------------------------------- index
+    rows = token_by_token(
+        model, model.encode_image(pixels).tokens, seqs, max_length, min_length,
+        repetition_penalty, eos, nucleus(top_p, temperature, gen),
+    )  # fmt: skip
+    return decode_captions(tokenizer, rows, prompt)

@@ -7,12 +7,11 @@ index entries are ever served), `GET /api/info`. Every error is `{"error": str}`
 
 Model calls run one at a time under a lock, in a worker thread, so the event loop keeps accepting
 requests (and rejecting bad ones) while a caption is being generated. fastapi / uvicorn are
-imported inside the functions that use them (the `serve` extra), so `import dlip.serve` is cheap;
-hence no `from __future__ import annotations` here: FastAPI must see the real `Request` class on
-the routes defined inside `create_app`.
+imported inside the functions that use them (the `serve` extra), so importing
+`dlip.inference.serve` is cheap; hence no `from __future__ import annotations` here:
+FastAPI must see the real `Request` class on the routes defined inside `create_app`.
 """
 
-import argparse
 import io
 import json
 import threading
@@ -294,19 +293,28 @@ def create_app(
     return app
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve(
+    model: str,
+    index: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    dtype: str = "float32",
+    max_upload_mb: float = 20.0,
+    log_level: str = "info",
+) -> None:
+    """Load `model` (and `index`), then serve the app until interrupted (`dlip serve`)."""
     import uvicorn
 
-    from dlip.index import ImageIndex
-    from dlip.inference import Predictor
+    from dlip.inference.index import ImageIndex
+    from dlip.inference.predictor import Predictor
 
-    if args.max_upload_mb <= 0:
-        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    predictor = Predictor.load(args.model, device=args.device, dtype=args.dtype)
-    index = ImageIndex.load(args.index) if args.index else None
-    if index is not None:
-        index.check_model(predictor)  # fail at startup, not on the first search
-    app = create_app(predictor, index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
-    print(f"dlip serve: http://{args.host}:{args.port}/ (model {args.model})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    if max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    predictor = Predictor.load(model, device=device, dtype=dtype)
+    image_index = ImageIndex.load(index) if index else None
+    if image_index is not None:
+        image_index.check_model(predictor)  # fail at startup, not on the first search
+    app = create_app(predictor, image_index, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    print(f"dlip serve: http://{host}:{port}/ (model {model})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

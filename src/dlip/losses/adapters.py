@@ -27,30 +27,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlip.config import ModelConfig
+from dlip.models.config import ModelConfig
 from dlip.models.outputs import NO_TAPS, Taps
 
 STREAMS = ("image", "text", "fusion", "decoder")
 
-KD_TERMS = (
-    "kd_itc",
-    "kd_itm",
-    "kd_lm",
-    "kd_rep_image",
-    "kd_rep_patch",
-    "kd_rep_text",
-    "kd_rep_fusion",
-    "kd_rep_decoder",
-    "kd_hidden_image",
-    "kd_hidden_text",
-    "kd_hidden_fusion",
-    "kd_hidden_decoder",
-    "kd_attn_image",
-    "kd_attn_text",
-    "kd_attn_fusion",
-    "kd_attn_cross",
-    "kd_attn_decoder",
-)
+
+@dataclass(frozen=True)
+class KDTerm:
+    """What a KD term compares: the pass (stream) whose outputs it reads, and which outputs."""
+
+    stream: str  # "image" | "text" | "fusion" | "decoder": the teacher pass it needs
+    kind: str  # "logits" | "rep" (pooled features) | "hidden" (tapped layers) | "attn" (maps)
+
+
+# THE table of distillation terms, in their canonical order. Everything that needs to know
+# which terms exist, which teacher pass a term needs or which task it belongs to reads it:
+# KDConfig's checks, the adapters (projected and tapped terms), the training task (teacher
+# passes) and finetuning (retrieval: image/text/fusion terms; captioning: image/decoder terms).
+KD_TERMS: dict[str, KDTerm] = {
+    "kd_itc": KDTerm("text", "logits"),  # ITC similarity distributions (the text pass's feats)
+    "kd_itm": KDTerm("fusion", "logits"),
+    "kd_lm": KDTerm("decoder", "logits"),
+    "kd_rep_image": KDTerm("image", "rep"),
+    "kd_rep_patch": KDTerm("image", "rep"),
+    "kd_rep_text": KDTerm("text", "rep"),
+    "kd_rep_fusion": KDTerm("fusion", "rep"),
+    "kd_rep_decoder": KDTerm("decoder", "rep"),
+    "kd_hidden_image": KDTerm("image", "hidden"),
+    "kd_hidden_text": KDTerm("text", "hidden"),
+    "kd_hidden_fusion": KDTerm("fusion", "hidden"),
+    "kd_hidden_decoder": KDTerm("decoder", "hidden"),
+    "kd_attn_image": KDTerm("image", "attn"),
+    "kd_attn_text": KDTerm("text", "attn"),
+    "kd_attn_fusion": KDTerm("fusion", "attn"),
+    "kd_attn_cross": KDTerm("fusion", "attn"),  # the fusion layers' cross-attention maps
+    "kd_attn_decoder": KDTerm("decoder", "attn"),
+}
+
+
+def terms_of(*streams: str) -> frozenset[str]:
+    """The KD terms that read any of `streams` (e.g. `terms_of("decoder")`: captioning's)."""
+    bad = sorted(set(streams) - set(STREAMS))
+    if bad:
+        raise ValueError(f"unknown KD stream(s) {bad}; streams are {STREAMS}")
+    return frozenset(t for t, term in KD_TERMS.items() if term.stream in streams)
+
+
 REP_LOSSES = ("cos", "mse")
 PATCH_POOLS = ("token", "mean")
 
@@ -113,29 +136,9 @@ def _check_positive(name: str, value: Any) -> None:
 
 
 # Projected terms -> the stream whose width they project ("image": vision width, else text width).
-PROJECTED_TERMS = {
-    "kd_rep_image": "image",
-    "kd_rep_patch": "image",
-    "kd_rep_text": "text",
-    "kd_rep_fusion": "fusion",
-    "kd_rep_decoder": "decoder",
-    "kd_hidden_image": "image",
-    "kd_hidden_text": "text",
-    "kd_hidden_fusion": "fusion",
-    "kd_hidden_decoder": "decoder",
-}
+PROJECTED_TERMS = {t: k.stream for t, k in KD_TERMS.items() if k.kind in ("rep", "hidden")}
 # Terms that read tapped layers -> (stream, "hidden" | "attn").
-LAYER_TERMS = {
-    "kd_hidden_image": ("image", "hidden"),
-    "kd_hidden_text": ("text", "hidden"),
-    "kd_hidden_fusion": ("fusion", "hidden"),
-    "kd_hidden_decoder": ("decoder", "hidden"),
-    "kd_attn_image": ("image", "attn"),
-    "kd_attn_text": ("text", "attn"),
-    "kd_attn_fusion": ("fusion", "attn"),
-    "kd_attn_cross": ("fusion", "attn"),
-    "kd_attn_decoder": ("decoder", "attn"),
-}
+LAYER_TERMS = {t: (k.stream, k.kind) for t, k in KD_TERMS.items() if k.kind in ("hidden", "attn")}
 
 
 def stream_layers(config: ModelConfig, stream: str) -> range:

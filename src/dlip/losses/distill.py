@@ -17,7 +17,8 @@ Terms (KL is always KL(teacher || student), the teacher's distribution as the ta
   unimodal text self-attention (`text`), the image-grounded encoder's self-attention
   (`fusion`) and cross-attention (`cross`), the decoder's causal self-attention (`decoder`).
 
-Rules (the DLIP V2 re-implementation's bugs are the counter-examples, REFERENCE.md section 7):
+Rules (an unofficial DLIP V2 re-implementation, github.com/jfan1256/distill-blip, applied a
+second softmax to attention probabilities and left padding in the maps: the counter-examples):
 
 - Attention maps arrive as probabilities; they are never put through softmax again. KL uses
   log(clamp(p_student, eps)) and xlogy for the teacher's zeros.

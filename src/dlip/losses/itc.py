@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlip.train.distributed import (
+from dlip.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
     gather_sizes,

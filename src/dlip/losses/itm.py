@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dlip.tokenizer import Tokenizer
-from dlip.train.distributed import (
+from dlip.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_max,
     gather_sizes,
     rank_offset,
 )
+from dlip.tokenizer import Tokenizer
 
 ItmFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (image_tokens, ids, mask) -> (n, 2)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlip.config import ModelConfig
+from dlip.models.config import ModelConfig
 from dlip.models.outputs import ImageOutput, Taps, TextOutput
 from dlip.models.text import KVCache, TextDecoder, TextModel
 from dlip.models.vision import VisionTower, resize_pos_embed

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dlip.config import ConfigError, check_keys, type_ok
+
 # CLIP statistics: BLIP normalises with these although its ViT starts from DeiT.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ConfigError(ValueError):
-    """A config file or dict is malformed: unknown key, wrong type or inconsistent values."""
 
 
 @dataclass(frozen=True)
@@ -113,14 +109,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
-        _check_keys(cls, data, source)
+        check_keys(cls, data, source)
         data = dict(data)
         try:
             if "vision" in data:
-                _check_keys(VisionConfig, data["vision"], "vision")
+                check_keys(VisionConfig, data["vision"], "vision")
                 data["vision"] = VisionConfig(**data["vision"])
             if "text" in data:
-                _check_keys(TextConfig, data["text"], "text")
+                check_keys(TextConfig, data["text"], "text")
                 data["text"] = TextConfig(**data["text"])
             for key in ("image_mean", "image_std"):
                 if isinstance(data.get(key), list):
@@ -142,51 +138,6 @@ class ModelConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-def _check_keys(cls: type, data: Any, source: str) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-
-
-def type_ok(tp: Any, value: Any) -> bool:
-    """`value` is of the annotated type `tp`: exact (a bool is not an int, "768" is not an
-    int), ints accepted for floats; unions, Literal, tuples (fixed or variadic), lists /
-    Sequences, dicts / Mappings, None and Any. Shared by model and run configs."""
-    if tp is Any:
-        return True
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(type_ok(a, value) for a in args)
-    if origin is Literal:
-        return value in args
-    if origin in (dict, Mapping):
-        return isinstance(value, Mapping) and all(
-            type_ok(args[0], k) and type_ok(args[1], v) for k, v in value.items()
-        )
-    if origin is tuple:
-        if not isinstance(value, tuple):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(type_ok(args[0], x) for x in value)
-        return len(value) == len(args) and all(
-            type_ok(a, x) for a, x in zip(args, value, strict=True)
-        )
-    if origin in (list, Sequence):
-        return isinstance(value, (list, tuple)) and all(type_ok(args[0], x) for x in value)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
 
 
 def _check_fields(obj: Any, section: str) -> None:

@@ -8,7 +8,6 @@ layers shared with the encoder, LM head = word embeddings) must be equal, or it 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -18,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dlip.config import ModelConfig, TextConfig, VisionConfig
 from dlip.models.blip import BLIP
-from dlip.models.io import CheckpointError, alias_map, load_strict, save
+from dlip.models.config import ModelConfig, TextConfig, VisionConfig
+from dlip.models.io import CheckpointError, alias_map, load_strict
 from dlip.models.presets import get_config
 
 # Keys a Salesforce checkpoint holds that a dlip model does not need (training-only state).
@@ -56,7 +55,6 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(f"^{pattern}$")
 
 
-_TO_HF = [(_template_regex(ours), hf) for ours, hf in HF_VISION_RULES]
 _FROM_HF = [(_template_regex(hf), ours) for ours, hf in HF_VISION_RULES]
 
 
@@ -69,13 +67,6 @@ def _rename(key: str, rules: list[tuple[re.Pattern, str]], prefixes: tuple[str, 
 
 
 _TEXT_PREFIXES = ("text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.")
-
-
-def dlip_to_hf_key(key: str) -> str:
-    out = _rename(key, _TO_HF, _TEXT_PREFIXES)
-    if out is None:
-        raise CheckpointError(f"no HF name for dlip key {key!r}")
-    return out
 
 
 def hf_to_dlip_key(key: str) -> str | None:
@@ -341,41 +332,7 @@ def _form_params(model: BLIP, form: str) -> list[tuple[str, Tensor]]:
     return [(f"{n}.{k}", p) for n in names for k, p in getattr(model, n).named_parameters()]
 
 
-# ------------------------------------------------------------------------------- command line
-def cmd_convert(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if args.target == "hf":
-        from dlip.models.io import load
-
-        model = load(args.src)
-        forms = [args.form] if args.form else _model_forms(model.config)
-        for form in forms:
-            dest = out if len(forms) == 1 else out / form
-            export_hf(model, dest, form)
-            print(f"wrote {HF_CLASSES[form]} to {dest}")
-        return 0
-    if args.source == "salesforce":
-        model = convert_salesforce(args.src, args.arch, args.image_size)
-    else:
-        model = convert_hf(args.src, vision_ln_eps=args.vision_ln_eps)
-        eps = model.config.vision.layer_norm_eps
-        if eps != 1e-6:
-            print(
-                f"note: vision layer_norm_eps={eps} as the HF config says; BLIP's ViT used 1e-6 "
-                "(--vision-ln-eps 1e-6 reproduces the original model)"
-            )
-        if args.image_size:
-            model.set_image_size(args.image_size)
-    save(model, out)
-    c = model.config
-    forms = ", ".join(_model_forms(c))
-    print(
-        f"wrote {out}: {c.name} ({forms}) @ {c.vision.image_size}px, {model.num_params():,} params"
-    )
-    return 0
-
-
-def _model_forms(config: ModelConfig) -> list[str]:
+def model_forms(config: ModelConfig) -> list[str]:
     return [
         f
         for f, has in (("retrieval", config.has_encoder), ("captioning", config.has_decoder))

@@ -23,16 +23,13 @@ What is counted (stated once, used everywhere):
 
 from __future__ import annotations
 
-import os
-import platform
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from dlip.config import ModelConfig
 from dlip.models.blip import BLIP
+from dlip.models.config import ModelConfig
 from dlip.models.text import KVCache
 
 
@@ -206,31 +203,4 @@ def model_info(config: ModelConfig, text_len: int = 30) -> dict:
         "text_len": text_len,
         "params": asdict(param_counts(meta_model(config))),
         "flops": flop_counts(config, text_len),
-    }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict[str, str]:
-    """The hardware and versions a measurement was made with (every results JSON names it)."""
-    from dlip import __version__
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dlip": __version__,
     }

@@ -13,6 +13,8 @@ prompt; with its 4-token prompt the chosen caption can differ in rare near-ties.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -47,7 +49,7 @@ class _Decoder:
 
 
 @torch.no_grad()
-def greedy_search(
+def token_by_token(
     model,
     image_tokens: Tensor,  # (B, N, D)
     prompt: Tensor,  # (B, L0) ids starting with [DEC]
@@ -55,7 +57,10 @@ def greedy_search(
     min_length: int,
     repetition_penalty: float,
     eos_id: int,
+    choose: Callable[[Tensor], Tensor],  # (B, V) adjusted logits -> (B,) next ids
 ) -> list[list[int]]:
+    """One token per row and step over the KV cache until every row has ended: greedy search
+    with `choose=argmax`, nucleus sampling with `choose=nucleus(top_p, ...)`."""
     dec = _Decoder(model, image_tokens)
     seqs = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
@@ -64,7 +69,7 @@ def greedy_search(
         logits = _repetition_penalty(logits, seqs, repetition_penalty)
         if seqs.shape[1] < min_length:
             logits[:, eos_id] = float("-inf")
-        nxt = logits.argmax(dim=-1)  # (B,)
+        nxt = choose(logits)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
         done |= nxt == eos_id
@@ -72,6 +77,28 @@ def greedy_search(
             break
         logits = dec.step(nxt[:, None], seqs.shape[1])
     return [_trim(row, eos_id) for row in seqs.tolist()]
+
+
+def argmax(logits: Tensor) -> Tensor:
+    """Greedy choice: (B, V) -> (B,)."""
+    return logits.argmax(dim=-1)
+
+
+def nucleus(
+    top_p: float, temperature: float = 1.0, generator: torch.Generator | None = None
+) -> Callable[[Tensor], Tensor]:
+    """Nucleus (top-p) choice: (B, V) logits -> (B,) ids drawn from the smallest set with
+    probability >= top_p, after dividing by `temperature`; `generator` makes it reproducible."""
+
+    def choose(logits: Tensor) -> Tensor:
+        probs = (logits / temperature).softmax(-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        sorted_p = sorted_p.masked_fill(cum - sorted_p >= top_p, 0.0)  # the first always stays
+        pick = torch.multinomial(sorted_p, 1, generator=generator)  # (B, 1), renormalises
+        return order.gather(1, pick)[:, 0]
+
+    return choose
 
 
 def _trim(row: list[int], eos_id: int, start: int = 1) -> list[int]:
@@ -182,7 +209,9 @@ def generate_ids(
         )
     eos = tokenizer.sep_token_id
     if num_beams == 1:
-        return greedy_search(model, image, ids, max_length, min_length, repetition_penalty, eos)
+        return token_by_token(
+            model, image, ids, max_length, min_length, repetition_penalty, eos, argmax
+        )
     return beam_search(
         model, image, ids, num_beams, max_length, min_length, repetition_penalty, eos
     )
@@ -210,6 +239,11 @@ def generate_captions(
         )
     finally:
         model.train(was_training)
+    return decode_captions(tokenizer, rows, prompt)
+
+
+def decode_captions(tokenizer, rows: list[list[int]], prompt: str) -> list[str]:
+    """Generated id rows -> caption texts with the prompt stripped."""
     # BLIP decoded with transformers 4.x, whose BERT cleanup joins "man ' s" -> "man's".
     texts = tokenizer.batch_decode(
         rows, skip_special_tokens=True, clean_up_tokenization_spaces=True

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dlip.config import TextConfig
 from dlip.models.blip import BLIP
+from dlip.models.config import TextConfig
 from dlip.models.io import alias_map, key_problems
 from dlip.models.vision import resize_pos_embed
 

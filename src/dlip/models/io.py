@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dlip.config import ModelConfig
+from dlip.models.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -118,3 +118,36 @@ def _refuse_foreign(config_path: Path) -> None:
             f"{config_path.parent} is a transformers '{data['model_type']}' model, not a dlip "
             f"model; convert it first: dlip convert {config_path.parent} --from hf --out DIR"
         )
+
+
+# ------------------------------------------------------------------- preset or saved directory
+def resolve_config(spec: str | Path) -> ModelConfig:
+    """The ModelConfig of `spec`: a saved model directory (its config.json) or a preset name.
+    No weights are read. Every command and API that takes "a model" resolves it here."""
+    from dlip.models.presets import get_config, list_presets
+
+    if Path(spec).is_dir():
+        return ModelConfig.load(Path(spec) / CONFIG_FILE)
+    if str(spec) in list_presets():
+        return get_config(str(spec))
+    raise FileNotFoundError(
+        f"model {str(spec)!r}: not a saved model directory nor a preset "
+        f"(unknown model preset {str(spec)!r}; presets are {', '.join(list_presets())})"
+    )
+
+
+def resolve(spec: str | Path):
+    """The model `spec` names: a saved directory, loaded strictly, or a preset with random
+    weights (`is_preset(spec)` tells which); in eval mode, on the CPU."""
+    if Path(spec).is_dir():
+        return load(spec)
+    from dlip.models.presets import create_model
+
+    return create_model(resolve_config(spec)).eval()
+
+
+def is_preset(spec: str | Path) -> bool:
+    """`spec` names a preset (random weights), not a saved model directory."""
+    from dlip.models.presets import list_presets
+
+    return not Path(spec).is_dir() and str(spec) in list_presets()

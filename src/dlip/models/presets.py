@@ -5,7 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from dlip.config import ConfigError, ModelConfig
+from dlip.config import ConfigError
+from dlip.models.config import ModelConfig
 
 _PRESET_DIR = "configs/models"
 

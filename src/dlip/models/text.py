@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dlip.config import TextConfig
+from dlip.models.config import TextConfig
 from dlip.models.outputs import NO_TAPS, Taps, TextOutput
 
 KV = tuple[Tensor, Tensor]  # (B, H, T, d) keys and values

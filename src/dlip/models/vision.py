@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dlip.config import VisionConfig
+from dlip.models.config import VisionConfig
 from dlip.models.outputs import NO_TAPS, Taps
 
 

@@ -1,1 +1,2 @@
-"""Training: the step, distributed helpers, checkpoints and run entry points."""
+"""Training: run configs, the distillation task, the generic loop, the pretraining and finetuning
+jobs, checkpoints, optimizer and logging."""

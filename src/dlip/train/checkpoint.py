@@ -3,7 +3,9 @@
 `model.safetensors` holds the trainable module's weights (tied tensors once, under their
 canonical names, as `dlip.models.io` stores models); load them back with
 `dlip.models.io.load_strict`. `trainer.pt` holds everything else needed to resume exactly:
-optimizer, grad scaler, step, epoch, data position, RNG states (`capture_rng`). It is read with
+optimizer, step, epoch, data position, the best validation record, RNG states (`capture_rng`);
+there is no scheduler state (the lr is a function of the step) and no grad scaler (training
+runs in fp32 or bf16 autocast, which needs none). It is read with
 `torch.load(weights_only=True)`, so it may contain only tensors and plain containers (dict,
 list, tuple, str, int, float, bool, None); `save_checkpoint` checks that before writing.
 
@@ -30,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dlip.distributed import is_dist, is_main_process
 from dlip.models.io import WEIGHTS_FILE, unique_state_dict
-from dlip.train.distributed import is_dist, is_main_process
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_FILE = "trainer.pt"

@@ -1,42 +1,38 @@
-"""Pretraining run configuration: frozen dataclasses, a small yaml diff and dotted overrides.
+"""Run configuration of `dlip pretrain` and `dlip finetune`: the sections and their defaults.
 
-    config = load("configs/pretrain/tiny_synth.yaml", ["teacher.checkpoint=runs/t/final"])
-    save_resolved(config, config.run.run_dir)  # run_dir/config.yaml, loads back to `config`
+    cfg = load("configs/pretrain/tiny_synth.yaml", ["teacher.checkpoint=runs/t/final"])
+    cfg = load("configs/finetune/retrieval_coco.yaml", ["model.checkpoint=DIR"], cls=FinetuneConfig)
+    save_resolved(cfg, cfg.run.run_dir)  # run_dir/config.yaml, loads back to `cfg`
 
-Resolution order: dataclass defaults (BLIP's pretraining recipe, REFERENCE.md 2.4) <- the yaml
-(only what differs) <- `key=value` overrides, in command-line order. A value is parsed as YAML,
-so `optim.lr=1e-4` is a float, `teacher.checkpoint=null` is None and
-`data.manifests=[a.jsonl,b.jsonl]` is a list. `run_dir=DIR` and `max_steps=N` are shortcuts for
-`run.run_dir` and `run.max_steps` on the command line (the issue's command forms). Sections
-and mapping fields (`loss.kd.weights`, `loss.kd.layer_maps`, `model.arch`) merge key by key,
-so `loss.kd.weights.kd_itc=1` sets one weight; every other value is replaced whole.
+The engine (yaml diff <- `key=value` overrides, unknown keys and wrong types are errors naming
+the dotted key) is `dlip.config`; `run_dir=DIR` and `max_steps=N` are command-line shortcuts
+for `run.run_dir` and `run.max_steps`. `validate()` (run by `load`) checks what spans fields,
+before step 1.
 
-Unknown keys at any depth and wrongly typed values are `ConfigError`s naming the dotted key;
-`PretrainConfig.validate()` (run by `load`) checks what spans fields before step 1.
+Defaults are BLIP's recipes (salesforce/BLIP configs/pretrain.yaml; configs/retrieval_coco.yaml
+and caption_coco.yaml for finetuning): pretraining AdamW lr 3e-4 with warmup and a step decay
+of 0.9 per epoch, batch 75 per GPU, 20 epochs; finetuning lr 1e-5, weight decay 0.05, cosine by
+epoch to 0, no warmup, 384 px from a 224 px checkpoint, batch 32, 6 epochs retrieval / 5
+captioning.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from dlip.config import ConfigError, ModelConfig
-from dlip.config import type_ok as _type_ok
-from dlip.fileio import atomic_write_text
-from dlip.losses.adapters import KD_TERMS, KDConfig
+from dlip import config as engine
+from dlip.config import ConfigError, check_types, deep_merge, require, save_resolved
+from dlip.losses.adapters import KDConfig
+from dlip.models.config import ModelConfig
 
 # Command-line shortcuts (issue 4's command forms) -> full dotted keys.
 ALIASES = {"run_dir": "run.run_dir", "max_steps": "run.max_steps"}
-RESOLVED_NAME = "config.yaml"
+TASKS = ("retrieval", "caption")
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -58,11 +54,11 @@ class ModelSection:
     grad_checkpointing: bool = False  # recompute block activations in backward (both towers)
 
     def __post_init__(self) -> None:
-        _check_types(self, "model")
+        check_types(self, "model")
         if self.image_size is not None:
-            _require(self.image_size > 0, "model.image_size", self.image_size, "> 0")
+            require(self.image_size > 0, "model.image_size", self.image_size, "> 0")
         if self.temp_init is not None:
-            _require(0.001 <= self.temp_init <= 0.5, "model.temp_init", self.temp_init,
+            require(0.001 <= self.temp_init <= 0.5, "model.temp_init", self.temp_init,
                      "in [0.001, 0.5] (the clamp of the learnable temperature)")  # fmt: skip
         if self.init not in ("random", "inherit") and not re.fullmatch(r"timm:.+", self.init):
             raise ConfigError(
@@ -87,7 +83,7 @@ class ModelSection:
             raise ConfigError(f"model.preset: {err}") from None
         config = base
         if self.arch:
-            merged = _deep_merge(base.to_dict(), self.arch)
+            merged = deep_merge(base.to_dict(), self.arch)
             config = ModelConfig.from_dict(merged, source="model.arch")
         if self.image_size is not None:
             try:
@@ -105,12 +101,12 @@ class TeacherSection:
     bf16: bool = True  # run the teacher in bf16 on GPU (fp32 on CPU)
 
     def __post_init__(self) -> None:
-        _check_types(self, "teacher")
+        check_types(self, "teacher")
 
 
 @dataclass(frozen=True)
 class DataSection:
-    """Image-caption pairs and their train transform (BLIP pretraining, REFERENCE.md 2.3)."""
+    """Image-caption pairs and their train transform (BLIP pretraining: configs/pretrain.yaml)."""
 
     manifests: tuple[str, ...] = ()  # jsonl manifests or webdataset shard dirs
     weights: tuple[float, ...] = ()  # sampling weight per manifest; () = by size (concatenation)
@@ -127,18 +123,14 @@ class DataSection:
     rand_augment: bool = True  # BLIP's RandomAugment(N=2, M=5)
 
     def __post_init__(self) -> None:
-        _check_types(self, "data")
+        _check_loader_fields(self)
         if self.weights and len(self.weights) != len(self.manifests):
             raise ConfigError(
                 f"data.weights has {len(self.weights)} entries for "
                 f"{len(self.manifests)} data.manifests; give one per manifest or none"
             )
         for w in self.weights:
-            _require(w > 0 and math.isfinite(w), "data.weights", self.weights, "all > 0")
-        for name in ("synth_images", "batch_size", "max_words", "max_length"):
-            _require(getattr(self, name) >= 1, f"data.{name}", getattr(self, name), ">= 1")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
-        _require(0 < self.min_scale <= 1, "data.min_scale", self.min_scale, "in (0, 1]")
+            require(w > 0 and math.isfinite(w), "data.weights", self.weights, "all > 0")
 
 
 @dataclass(frozen=True)
@@ -156,13 +148,13 @@ class LossSection:
     kd: KDConfig = field(default_factory=KDConfig)  # distillation terms (no teacher: all 0)
 
     def __post_init__(self) -> None:
-        _check_types(self, "loss")
+        check_types(self, "loss")
         for name in ("itc", "itm", "lm"):
             value = getattr(self, name)
-            _require(0 <= value < math.inf, f"loss.{name}", value, "a finite number >= 0")
-        _require(self.queue_size >= 0, "loss.queue_size", self.queue_size, ">= 0")
-        _require(0 <= self.alpha <= 1, "loss.alpha", self.alpha, "in [0, 1]")
-        _require(0 < self.momentum < 1, "loss.momentum", self.momentum, "in (0, 1)")
+            require(0 <= value < math.inf, f"loss.{name}", value, "a finite number >= 0")
+        require(self.queue_size >= 0, "loss.queue_size", self.queue_size, ">= 0")
+        require(0 <= self.alpha <= 1, "loss.alpha", self.alpha, "in [0, 1]")
+        require(0 < self.momentum < 1, "loss.momentum", self.momentum, "in (0, 1)")
 
     def kd_config(self) -> KDConfig:
         return self.kd
@@ -189,18 +181,18 @@ class OptimSection:
     accum_steps: int = 1
 
     def __post_init__(self) -> None:
-        _check_types(self, "optim")
-        _require(self.lr > 0, "optim.lr", self.lr, "> 0")
-        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "in [0, optim.lr]")
-        _require(self.warmup_lr >= 0, "optim.warmup_lr", self.warmup_lr, ">= 0")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
-        _require(0 < self.decay_rate <= 1, "optim.decay_rate", self.decay_rate, "in (0, 1]")
-        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "in [0, 1)")
-        _require(self.eps > 0, "optim.eps", self.eps, "> 0")
+        check_types(self, "optim")
+        require(self.lr > 0, "optim.lr", self.lr, "> 0")
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, "in [0, optim.lr]")
+        require(self.warmup_lr >= 0, "optim.warmup_lr", self.warmup_lr, ">= 0")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        require(0 < self.decay_rate <= 1, "optim.decay_rate", self.decay_rate, "in (0, 1]")
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "in [0, 1)")
+        require(self.eps > 0, "optim.eps", self.eps, "> 0")
         if self.grad_clip is not None:
-            _require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0 or null")
-        _require(self.accum_steps >= 1, "optim.accum_steps", self.accum_steps, ">= 1")
+            require(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "> 0 or null")
+        require(self.accum_steps >= 1, "optim.accum_steps", self.accum_steps, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -219,12 +211,12 @@ class RunSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
 
     def __post_init__(self) -> None:
-        _check_types(self, "run")
+        check_types(self, "run")
         if self.max_steps is not None:
-            _require(self.max_steps >= 1, "run.max_steps", self.max_steps, ">= 1 or null")
+            require(self.max_steps >= 1, "run.max_steps", self.max_steps, ">= 1 or null")
         for name in ("epochs", "log_every", "ckpt_every", "keep_last"):
-            _require(getattr(self, name) >= 1, f"run.{name}", getattr(self, name), ">= 1")
-        _require(self.seed >= 0, "run.seed", self.seed, ">= 0")
+            require(getattr(self, name) >= 1, f"run.{name}", getattr(self, name), ">= 1")
+        require(self.seed >= 0, "run.seed", self.seed, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -246,13 +238,12 @@ class PretrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe data (tuples become lists); `from_dict` turns it back."""
-        return _plain(dataclasses.asdict(self))
+        return engine.to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> PretrainConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> PretrainConfig:
         """Defaults <- `data` (a nested diff); unknown keys and wrong types are errors."""
-        merged = _merge(cls, _plain(dataclasses.asdict(cls())), data, "", source)
-        return _build(cls, merged, "")
+        return engine.build(cls, data, source)
 
     def validate(self) -> PretrainConfig:
         """Checks across fields and sections; raises one ConfigError listing every problem."""
@@ -293,6 +284,179 @@ class PretrainConfig:
         return self
 
 
+def _check_loader_fields(data: Any) -> None:
+    """The checks pretraining's and finetuning's data sections share."""
+    check_types(data, "data")
+    for name in ("synth_images", "batch_size", "max_words", "max_length"):
+        require(getattr(data, name) >= 1, f"data.{name}", getattr(data, name), ">= 1")
+    require(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
+    require(0 < data.min_scale <= 1, "data.min_scale", data.min_scale, "in (0, 1]")
+
+
+# ----------------------------------------------------------------------------------- finetuning
+@dataclass(frozen=True)
+class FinetuneModelSection:
+    """The model to finetune: a saved dlip model (pretraining's final/), or a preset."""
+
+    checkpoint: str | None = None  # a `dlip.load`-able directory
+    preset: str | None = None  # random init of a preset (tests, ablations); not with checkpoint
+    image_size: int | None = None  # finetune at this size (BLIP 384); pos_embed is resized
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        check_types(self, "model")
+        if self.image_size is not None:
+            require(self.image_size > 0, "model.image_size", self.image_size, "> 0")
+
+    def model_config(self) -> ModelConfig:
+        """The config the finetuned model will have (image size applied)."""
+        from dlip.models.io import resolve_config
+
+        config = resolve_config(str(self.checkpoint or self.preset))
+        return config if self.image_size is None else config.with_image_size(self.image_size)
+
+
+@dataclass(frozen=True)
+class FinetuneDataSection:
+    """Karpathy splits: train (json or manifest jsonl), val for model selection, test at the end."""
+
+    # Karpathy train json(s) (paths under `image_root`) or manifests from `dlip data build`.
+    train: tuple[str, ...] = ()
+    val: str | None = None  # Karpathy val json: validated every `eval.every_epochs`
+    test: str | None = None  # Karpathy test json: the best checkpoint is evaluated on it at the end
+    image_root: str | None = None  # root the json image paths are under
+    # `dlip data synth` output (train/val/test json + images), built here if absent.
+    synth_dir: str | None = None
+    synth_images: int = 1000
+    image_size_synth: int | None = None  # render size; None = the model's
+    batch_size: int = 32  # per process (BLIP's retrieval and caption recipes)
+    num_workers: int = 4
+    max_words: int = 30  # pre_caption word limit
+    max_length: int = 35  # tokens (BLIP's retrieval text length; captions are shorter)
+    min_scale: float = 0.5  # RandomResizedCrop lower bound in finetuning
+    hflip: bool = True
+    rand_augment: bool = True
+
+    def __post_init__(self) -> None:
+        _check_loader_fields(self)
+
+    def files(self) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
+        """(train files, val, test, image root), the synthetic set's when `synth_dir` is set."""
+        if self.synth_dir is None:
+            return self.train, self.val, self.test, self.image_root
+        root = Path(self.synth_dir)
+        files = (str(root / "train.json"),)
+        return files, str(root / "val.json"), str(root / "test.json"), str(root)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Validation during finetuning (and the final test run): the `dlip eval` settings."""
+
+    every_epochs: int = 1  # validate after every N epochs (and after the last step)
+    batch_size: int = 64
+    k_test: int = 256  # retrieval: candidates re-ranked by ITM (BLIP: 256 COCO, 128 Flickr)
+    itm_batch: int = 128  # retrieval: pairs per ITM forward
+    prompt: str = "a picture of "  # captioning: trained with it (masked) and generated with it
+    num_beams: int = 3
+    max_length: int = 20  # generation lengths count the prompt tokens (BLIP)
+    min_length: int = 5
+
+    def __post_init__(self) -> None:
+        check_types(self, "eval")
+        for name in ("every_epochs", "batch_size", "k_test", "itm_batch", "num_beams"):
+            require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), ">= 1")
+        require(self.min_length <= self.max_length, "eval.min_length", self.min_length, "<= max")
+
+
+# BLIP's finetuning optimizer: lr 1e-5, cosine by epoch to 0, no warmup.
+FINETUNE_OPTIM = OptimSection(lr=1e-5, min_lr=0.0, warmup_steps=0, schedule="cosine_epoch")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One finetuning run: the task, model, optional finetuned teacher, data, losses, eval."""
+
+    task: Literal["retrieval", "caption"] = "retrieval"
+    model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
+    # BLIP retrieval: ITM negatives from all ranks (COCO's negative_all_rank; Flickr: False).
+    loss: LossSection = field(default_factory=lambda: LossSection(itm_all_ranks=True))
+    optim: OptimSection = field(default_factory=lambda: FINETUNE_OPTIM)
+    eval: EvalSection = field(default_factory=EvalSection)
+    run: RunSection = field(default_factory=lambda: RunSection("runs/finetune", epochs=6))
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r}: use one of {list(TASKS)}")
+
+    def kd_config(self) -> KDConfig:
+        return self.loss.kd_config()
+
+    def model_config(self) -> ModelConfig:
+        return self.model.model_config()
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return ("itc", "itm") if self.task == "retrieval" else ("lm",)
+
+    def validate(self) -> FinetuneConfig:
+        """Checks across fields; one ConfigError listing every problem, before step 1."""
+        errors = []
+        m, d, kd = self.model, self.data, self.loss.kd
+        if bool(m.checkpoint) == bool(m.preset):
+            errors.append("set exactly one of model.checkpoint (a saved model) and model.preset")
+        elif m.checkpoint and not Path(m.checkpoint).is_dir():
+            errors.append(f"model.checkpoint={m.checkpoint!r} is not a directory")
+        train, val, _, _ = d.files()
+        if not train:
+            errors.append("no training data: set data.train (or data.synth_dir)")
+        if val is None:
+            errors.append("no validation split: set data.val (model selection needs it)")
+        if d.synth_dir is None:  # synthetic files are built at the start of the run
+            errors += _missing_files(d)
+        if kd.enabled and not self.teacher.checkpoint:
+            errors.append(f"kd weights set ({list(kd.enabled)}) but teacher.checkpoint is empty")
+        if self.task == "retrieval" and d.batch_size < 2:
+            errors.append(f"data.batch_size={d.batch_size}: ITM needs >= 2")
+        if self.task == "caption" and self.loss.lm <= 0:
+            errors.append("caption finetuning with loss.lm=0 trains nothing")
+        if self.task == "retrieval" and self.loss.itc + self.loss.itm <= 0:
+            errors.append("retrieval finetuning with loss.itc=loss.itm=0 trains nothing")
+        if not errors:
+            try:
+                self._check_model(self.model_config())
+            except (ConfigError, FileNotFoundError) as err:
+                errors.append(str(err))
+        if errors:
+            raise ConfigError("invalid finetuning config:\n  " + "\n  ".join(errors))
+        return self
+
+    def _check_model(self, config: ModelConfig) -> None:
+        need = "has_encoder" if self.task == "retrieval" else "has_decoder"
+        if not getattr(config, need):
+            raise ConfigError(f"{self.task} finetuning needs a model with {need}=True")
+        if self.data.max_length > config.text.max_position_embeddings:
+            raise ConfigError(
+                f"data.max_length={self.data.max_length} exceeds the model's "
+                f"text.max_position_embeddings {config.text.max_position_embeddings}"
+            )
+
+
+def _missing_files(d: FinetuneDataSection) -> list[str]:
+    """Errors for data files and the image root that do not exist (before step 1, not after
+    an epoch of training)."""
+    named = [(f"data.train[{i}]", f) for i, f in enumerate(d.train)]
+    named += [("data.val", d.val), ("data.test", d.test)]
+    errors = [
+        f"{key}: {path} not found" for key, path in named if path and not Path(path).is_file()
+    ]
+    if d.image_root is not None and not Path(d.image_root).is_dir():
+        errors.append(f"data.image_root: {d.image_root} is not a directory")
+    return errors
+
+
 # ------------------------------------------------------------------------------ load and save
 def load(
     path: str | Path | None = None,
@@ -301,204 +465,23 @@ def load(
     cls: type = PretrainConfig,
 ) -> Any:
     """Defaults <- yaml at `path` (if any) <- `key=value` overrides, then `validate()`.
-    `cls`: the config dataclass (PretrainConfig, or dlip.train.finetune_config.FinetuneConfig)."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            loaded = yaml.load(Path(path).read_text(), Loader=_Loader)
-        except FileNotFoundError:
-            raise ConfigError(f"config not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
-    merged = _merge(cls, _plain(dataclasses.asdict(cls())), data, "", source)
-    for item in overrides:
-        key, value = parse_override(item)
-        merged = _merge(cls, merged, _nest(key, value), "", f"override {item!r}")
-    config = _build(cls, merged, "")
-    return config.validate() if validate else config
+    `cls`: PretrainConfig or FinetuneConfig."""
+    return engine.load(cls, path, overrides, validate=validate, aliases=ALIASES)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`"optim.lr=1e-4"` -> ("optim.lr", 1e-4); the value is parsed as YAML, aliases expanded."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
-    try:
-        value = yaml.load(text, Loader=_Loader) if text.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
-    return ALIASES.get(key, key), value
-
-
-def save_resolved(config: Any, run_dir: str | Path) -> Path:
-    """Write `run_dir/config.yaml`: every field, so `load` of it gives back an equal config."""
-    text = yaml.safe_dump(_plain(dataclasses.asdict(config)), sort_keys=False)
-    return atomic_write_text(Path(run_dir) / RESOLVED_NAME, text)
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-4 as a float (YAML 1.1, hence PyYAML, needs a dot: 1.0e-4)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-# ------------------------------------------------------------------------------------ helpers
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    parts = key.split(".")
-    if any(not p for p in parts):
-        raise ConfigError(f"override key {key!r} has an empty part")
-    out: dict[str, Any] = {parts[-1]: value}
-    for part in reversed(parts[:-1]):
-        out = {part: out}
-    return out
-
-
-def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _merge(cls: type, base: dict, update: Any, prefix: str, source: str) -> dict[str, Any]:
-    """`base` (a full plain dict of `cls`) updated by the diff `update`, keys checked."""
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(update, Mapping):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {update!r}")
-    hints = _fields(cls)
-    out = dict(base)
-    for key, value in update.items():
-        if key not in hints:
-            raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}'; valid keys at {where}: {sorted(hints)}"
-            )
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            out[key] = _merge(tp, base[key], value, f"{prefix}{key}.", source)
-        elif _is_mapping(tp) and isinstance(value, Mapping) and isinstance(base[key], Mapping):
-            out[key] = _deep_merge(base[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """Construct `cls` from a full plain dict: sections recursively, YAML lists as tuples."""
-    kwargs = {}
-    for name, tp in _fields(cls).items():
-        value = data[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(tp, value)
-    if cls is KDConfig:  # not ours: check its field types here, name its errors' section
-        section = prefix.rstrip(".")
-        for name, tp in _fields(cls).items():
-            if not _type_ok(tp, kwargs[name]):
-                raise ConfigError(f"{section}.{name}={kwargs[name]!r} is not {_describe(tp)}")
-        try:
-            return cls(**kwargs)
-        except ValueError as err:
-            raise ConfigError(f"{section}: {err}") from None
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    """YAML -> field type where lossless: a list for a tuple field, an int for a float."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if arg is not type(None) and value is not None:
-                coerced = _coerce(arg, value)
-                if _type_ok(arg, coerced):
-                    return coerced
-        return value
-    if origin is tuple and isinstance(value, list):
-        args = typing.get_args(tp)
-        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        if len(items) == len(value):
-            return tuple(_coerce(a, v) for a, v in zip(items, value, strict=True))
-        return tuple(value)
-    if origin in (dict, Mapping) and isinstance(value, Mapping):
-        return {k: _coerce(typing.get_args(tp)[1], v) for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def _is_mapping(tp: Any) -> bool:
-    return typing.get_origin(tp) in (dict, Mapping)
-
-
-def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (dict, Mapping):
-        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}"
-        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
-    if origin in (list, Sequence):
-        return f"a list of {_describe(args[0])}"
-    names = {type(None): "null", bool: "a bool", int: "an int", float: "a float", str: "a str"}
-    return names.get(tp, "anything" if tp is Any else getattr(tp, "__name__", str(tp)))
-
-
-def _check_types(obj: Any, section: str) -> None:
-    for name, tp in _fields(type(obj)).items():
-        value = getattr(obj, name)
-        if not _type_ok(tp, value):
-            raise ConfigError(f"{section}.{name}={value!r} is not {_describe(tp)}")
-
-
-def _require(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} must be {rule}")
-
-
-def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _plain(value: Any) -> Any:
-    """Tuples -> lists and Mappings -> dicts, recursively (what yaml.safe_dump can write)."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    """`"optim.lr=1e-4"` -> ("optim.lr", 1e-4), with this module's command-line shortcuts."""
+    return engine.parse_override(item, ALIASES)
 
 
 __all__ = [
     "ALIASES",
-    "KD_TERMS",
+    "TASKS",
     "DataSection",
+    "EvalSection",
+    "FinetuneConfig",
+    "FinetuneDataSection",
+    "FinetuneModelSection",
     "LossSection",
     "ModelSection",
     "OptimSection",

@@ -23,7 +23,6 @@ What differs from pretraining is only what the task module runs and what the loo
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,14 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from dlip.data.karpathy import EvalSet
+from dlip.losses.adapters import terms_of
 from dlip.models.blip import BLIP
-from dlip.train.finetune_config import FinetuneConfig
-from dlip.train.pretrain import _DECODER_TERMS, PretrainTask
+from dlip.train.config import FinetuneConfig
+from dlip.train.loop import Job, run
+from dlip.train.task import PretrainTask, build_adapters
 
-_ENCODER_TERMS = {
-    "kd_itc", "kd_itm", "kd_rep_text", "kd_rep_fusion", "kd_hidden_text", "kd_hidden_fusion",
-    "kd_attn_text", "kd_attn_fusion", "kd_attn_cross",
-}  # fmt: skip
+# KD terms of the other task are config errors (image terms serve both).
+_FOREIGN_TERMS = {"retrieval": terms_of("decoder"), "caption": terms_of("text", "fusion")}
 
 
 def prompt_length(prompt: str) -> int:
@@ -51,11 +50,10 @@ def prompt_length(prompt: str) -> int:
 
 def load_student(cfg: FinetuneConfig) -> BLIP:
     """The model to finetune at the run's image size (pos_embed resized when it changes)."""
-    from dlip.models.io import load
-    from dlip.models.presets import create_model
+    from dlip.models.io import resolve
 
     m = cfg.model
-    model = load(m.checkpoint) if m.checkpoint else create_model(str(m.preset))
+    model = resolve(str(m.checkpoint or m.preset))
     if m.image_size is not None and m.image_size != model.config.vision.image_size:
         model.set_image_size(m.image_size)
     model.set_grad_checkpointing(m.grad_checkpointing)
@@ -64,19 +62,11 @@ def load_student(cfg: FinetuneConfig) -> BLIP:
 
 def build_task(cfg: FinetuneConfig, teacher: BLIP | None = None) -> PretrainTask:
     """The finetuning task module: the pretraining task with this task's objectives."""
-    from dlip.losses.adapters import KDAdapters
-
-    other = _DECODER_TERMS if cfg.task == "retrieval" else _ENCODER_TERMS
-    wrong = sorted(set(cfg.kd_config().enabled) & set(other))
+    wrong = sorted(set(cfg.kd_config().enabled) & _FOREIGN_TERMS[cfg.task])
     if teacher is not None and wrong:
         raise ValueError(f"KD terms {wrong} do not belong to {cfg.task} finetuning; set them to 0")
     student = load_student(cfg)
-    adapters = None
-    if teacher is not None:
-        s_vocab, t_vocab = student.config.text.vocab_size, teacher.config.text.vocab_size
-        if s_vocab != t_vocab:
-            raise ValueError(f"teacher/student tokenizer mismatch: vocab {t_vocab} vs {s_vocab}")
-        adapters = KDAdapters.build(cfg.kd_config(), student.config, teacher.config)
+    adapters = build_adapters(cfg, student.config, teacher)
     plen = prompt_length(cfg.eval.prompt) if cfg.task == "caption" else 0
     return PretrainTask(cfg, student, teacher, adapters, cfg.objectives, prompt_length=plen)
 
@@ -176,32 +166,32 @@ def evaluate(cfg: FinetuneConfig, model: BLIP, split: EvalSet) -> dict[str, floa
 
 def test_best(cfg: FinetuneConfig, run_dir: Path) -> Path | None:
     """`dlip eval` of run_dir/best on data.test -> run_dir/test/results.json (+ .md)."""
-    from dlip.cli import main as dlip_main
-
     _, _, test, root = cfg.data.files()
     if test is None:
         return None
     best = run_dir / "best"
     if not best.is_dir():
         raise FileNotFoundError(f"{best}: no best checkpoint was saved (no validation ran)")
-    e = cfg.eval
-    args = [
-        "eval", cfg.task, "--model", str(best), "--data", test, "--images", str(root or "."),
-        "--out", str(run_dir / "test"), "--batch-size", str(e.batch_size),
-        "--num-workers", "0", "--device", cfg.run.device,
-    ]  # fmt: skip
+    e, out = cfg.eval, run_dir / "test"
+    shared = {"batch_size": e.batch_size, "num_workers": 0, "device": cfg.run.device}
     if cfg.task == "retrieval":
-        args += ["--k", str(e.k_test), "--itm-batch", str(e.itm_batch)]
-        args += ["--max-words", str(cfg.data.max_words)]
+        from dlip.eval.retrieval import run_retrieval_eval
+
+        run_retrieval_eval(
+            str(best), test, str(root or "."), out, k=e.k_test, itm_batch=e.itm_batch,
+            max_words=cfg.data.max_words, **shared,
+        )  # fmt: skip
     else:
-        args += ["--prompt", e.prompt, "--num-beams", str(e.num_beams)]
-        args += ["--max-length", str(e.max_length), "--min-length", str(e.min_length)]
-    if dlip_main(args) != 0:
-        raise RuntimeError(f"test evaluation of {best} failed")
-    return run_dir / "test" / "results.json"
+        from dlip.eval.captioning import run_caption_eval
+
+        run_caption_eval(
+            str(best), test, str(root or "."), out, prompt=e.prompt, num_beams=e.num_beams,
+            max_length=e.max_length, min_length=e.min_length, **shared,
+        )  # fmt: skip
+    return out / "results.json"
 
 
-# ----------------------------------------------------------------------------------- entry point
+# ------------------------------------------------------------------------------------ the run
 def load_config(task: str, path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
     """The run config; the yaml's `task` (if any) must be the command's."""
     from dlip.config import ConfigError
@@ -220,20 +210,11 @@ def _yaml_sets_task(path: str) -> bool:
     return isinstance(data, dict) and "task" in data
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from dlip.train.loop import Job, run
-
-    cfg = load_config(args.task, args.config, args.overrides)
+def finetune(cfg: FinetuneConfig, resume: str | None = None, test: bool = True) -> Path:
+    """Finetune as `cfg` says, then (with `test` and data.test) evaluate the best model on the
+    test split; returns run_dir/final."""
     job = Job(build_task=build_task, build_loader=build_loader, validate=validate_fn(cfg))
-    run(cfg, resume=args.resume, job=job)
-    if not args.no_test:
+    final = run(cfg, job, resume=resume)
+    if test:
         test_best(cfg, Path(cfg.run.run_dir))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`dlip finetune` as a function (tests call `main([...])`)."""
-
-    from dlip.cli import parse
-
-    return cmd_finetune(parse(["finetune", *(argv or [])]))
+    return final

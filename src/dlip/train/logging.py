@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dlip.distributed import get_world_size, is_dist, is_main_process
 from dlip.fileio import atomic_write_text
-from dlip.train.distributed import get_world_size, is_dist, is_main_process
 
 METRICS_FILE = "metrics.jsonl"
 

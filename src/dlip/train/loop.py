@@ -1,5 +1,7 @@
-"""The pretraining loop: one short `train_step`, and `run` around it (process group, data,
-checkpoints, resume, logging). `dlip pretrain` (dlip.train.pretrain) calls `run`.
+"""The training loop of every run: one short `train_step`, and `run` around it (process group,
+data, checkpoints, resume, logging, validation). What a kind of run trains is a `Job`:
+pretraining's is `dlip.train.pretrain.JOB`, finetuning's is built in `dlip.train.finetune`. The
+loop imports neither.
 
 Resume (`--resume latest`): the newest complete `run_dir/checkpoints/step_N` restores the task
 (student, adapters, momentum encoder, queue), the optimizer, the step, the epoch and the number
@@ -16,19 +18,29 @@ is saved then, so the last good checkpoint stays the latest.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from dlip.distributed import (
+    get_rank,
+    get_world_size,
+    is_dist,
+    is_main_process,
+    setup_device,
+)
 from dlip.fileio import write_json
-from dlip.losses.itc import alpha_at, clamp_temp_, momentum_update
+from dlip.losses.itc import alpha_at
+from dlip.models.blip import BLIP
 from dlip.train.checkpoint import (
     capture_rng,
     find_latest,
@@ -37,13 +49,6 @@ from dlip.train.checkpoint import (
     save_checkpoint,
 )
 from dlip.train.config import PretrainConfig, save_resolved
-from dlip.train.distributed import (
-    get_rank,
-    get_world_size,
-    is_dist,
-    is_main_process,
-    setup_device,
-)
 from dlip.train.logging import (
     MetricsLogger,
     Throughput,
@@ -53,13 +58,7 @@ from dlip.train.logging import (
     reduce_terms,
 )
 from dlip.train.optim import build_optimizer, lr_at, set_lr
-from dlip.train.pretrain import (
-    PretrainTask,
-    build_task,
-    load_teacher,
-    seed_everything,
-    teacher_identity,
-)
+from dlip.train.task import PretrainTask, load_teacher, teacher_identity
 
 
 class NonFiniteLoss(RuntimeError):
@@ -130,10 +129,7 @@ def train_step(
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if task.use_itc:  # a captioning-only student has no temperature
-        clamp_temp_(task.student.temp)
-    if task.student_m is not None:
-        momentum_update(task.student, task.student_m, cfg.loss.momentum)
+    task.after_step()  # temperature clamp, momentum encoder update
     metrics["lr"] = lr
     return metrics
 
@@ -169,40 +165,6 @@ def epoch_batches(loader: DataLoader, epoch: int, skip_batches: int) -> Iterator
     )  # fmt: skip
 
 
-def build_loader(cfg: PretrainConfig, image_config) -> DataLoader:
-    """The training loader; builds `data.synth_dir` first (rank 0) when it is absent."""
-    from torch.utils.data import ConcatDataset
-
-    from dlip.data.datasets import ManifestDataset
-    from dlip.data.loader import make_loader
-    from dlip.train.wds_loader import build_wds_loader, check_sources
-    from dlip.transforms import train_transform
-
-    d = cfg.data
-    manifests = [Path(m) for m in d.manifests]
-    if d.synth_dir is not None:
-        from dlip.data.synthetic import synthesize_once
-
-        size = image_config.vision.image_size
-        synth = synthesize_once(d.synth_dir, d.synth_images, cfg.run.seed, size)
-        manifests.insert(0, synth / "manifest.jsonl")
-    transform = train_transform(image_config, d.min_scale, d.rand_augment, d.hflip)
-    shard_dirs = check_sources(manifests)  # dirs and jsonl files mixed: ValueError
-    if shard_dirs:
-        return build_wds_loader(cfg, transform, shard_dirs)
-    if d.weights:
-        raise ValueError("data.weights (weighted sampling) needs shard dirs (`dlip data shard`)")
-    for m in manifests:
-        if not m.is_file():
-            raise FileNotFoundError(f"data manifest {m} not found")
-    sets = [ManifestDataset(m, transform, max_words=d.max_words) for m in manifests]
-    dataset = sets[0] if len(sets) == 1 else ConcatDataset(sets)
-    return make_loader(
-        dataset, d.batch_size, shuffle=True, num_workers=d.num_workers,
-        seed=cfg.run.seed, drop_last=True,
-    )  # fmt: skip
-
-
 def to_inputs(batch: Mapping[str, Any], tokenizer, max_length: int, device) -> dict[str, Tensor]:
     """A collated batch -> the task's inputs (captions tokenized here, never in forward);
     `image_idx` (retrieval finetuning) is passed through."""
@@ -217,30 +179,78 @@ def to_inputs(batch: Mapping[str, Any], tokenizer, max_length: int, device) -> d
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """What a kind of run plugs into `run`: pretraining by default, finetuning in
-    dlip.train.finetune. `validate(task, epoch)` runs on every rank and returns metrics with a
-    `score` (higher is better) on rank 0; the best score's student is saved to run_dir/best."""
+    """What a kind of run plugs into `run`. `build_task(cfg, teacher)` -> the task module;
+    `build_loader(cfg, model_config)` -> the training loader; `validate(task, epoch)` runs on
+    every rank and returns metrics with a `score` (higher is better) on rank 0; the best
+    score's student is saved to run_dir/best. No `validate`: no validation."""
 
-    build_task: Callable[[Any, Any], PretrainTask] = build_task
-    build_loader: Callable[[Any, Any], DataLoader] = build_loader
+    build_task: Callable[[Any, BLIP | None], PretrainTask]
+    build_loader: Callable[[Any, Any], DataLoader]
     validate: Callable[[PretrainTask, int], dict[str, float] | None] | None = None
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Run:
+    """A run's state between setup and the last step: what the epoch loop reads and updates."""
+
+    cfg: Any
+    job: Job
+    run_dir: Path
+    device: torch.device
+    teacher: BLIP | None
+    task: PretrainTask
+    model: nn.Module  # the task, or DDP(task)
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0  # loader batches of `epoch` already trained on
+    best: dict[str, Any] = field(default_factory=lambda: {"score": None, "validated_step": -1})
+
+
 # ------------------------------------------------------------------------------------ the run
-def init_distributed(cfg: PretrainConfig) -> torch.device:
-    """Process group only when WORLD_SIZE > 1 (torchrun); the device of this process."""
-    return setup_device(cfg.run.device)
+def run(cfg: Any, job: Job, resume: str | None = None) -> Path:
+    """Train as `cfg` says (a PretrainConfig with pretraining's job, or a FinetuneConfig with
+    finetuning's); returns `run_dir/final`. Errors in the setup come before step 1."""
+    r = setup(cfg, job)
+    rng = resume_from_latest(r) if resume == "latest" else None
+    if is_main_process():
+        save_resolved(cfg, r.run_dir)
+        write_json(r.run_dir / "teacher.json", teacher_identity(cfg, r.teacher))
+    if is_dist():  # only the task (student + adapters) is wrapped; the teacher never is
+        r.model = DDP(r.task, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+    logger = MetricsLogger(r.run_dir, resume_step=r.step if resume else None)
+    if rng is not None:
+        restore_rng(rng)  # last, after everything that draws random numbers was built
+    try:
+        train_epochs(r, logger)
+    finally:
+        logger.close()
+    final = r.run_dir / "final"
+    if is_main_process():
+        from dlip.models.io import save
+
+        save(r.task.student, final)
+    if is_dist():
+        dist.barrier()
+    return final
 
 
-def run(cfg: Any, resume: str | None = None, job: Job | None = None) -> Path:
-    """Train as `cfg` says (a PretrainConfig, or a FinetuneConfig with its `job`); returns
-    `run_dir/final`. Errors in the setup come before step 1."""
-    job = job or Job()
+def setup(cfg: Any, job: Job) -> Run:
+    """Teacher, process group, seeded task, loader and optimizer; every config or data problem
+    raises here, before step 1."""
     teacher = load_teacher(cfg)  # missing path: FileNotFoundError, before anything is built
-    device = init_distributed(cfg)
-    run_dir = Path(cfg.run.run_dir)
+    device = setup_device(cfg.run.device)  # a process group only when WORLD_SIZE > 1
     seed_everything(cfg.run.seed + get_rank())
     task = job.build_task(cfg, teacher)  # vocab mismatch / layer map out of range: ValueError
     task.to(device).train()
@@ -258,112 +268,106 @@ def run(cfg: Any, resume: str | None = None, job: Job | None = None) -> Path:
             f"an epoch has {len(loader)} batches of {cfg.data.batch_size}, fewer than "
             f"optim.accum_steps={cfg.optim.accum_steps}: add data or shrink the batch"
         )
-    total_steps = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
     o = cfg.optim
     optimizer = build_optimizer(task, o.lr, o.weight_decay, tuple(o.betas), o.eps)
+    return Run(
+        cfg, job, Path(cfg.run.run_dir), device, teacher, task, task, loader, optimizer,
+        steps_per_epoch, total_steps=cfg.run.max_steps or cfg.run.epochs * steps_per_epoch,
+    )  # fmt: skip
 
-    step, epoch, consumed, rng = 0, 0, 0, None
-    best: dict[str, Any] = {"score": None, "validated_step": -1}
-    if resume == "latest":
-        latest = find_latest(run_dir)
-        if latest is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {run_dir}/checkpoints")
-        from dlip.models.io import load_strict
 
-        model_state, state = load_checkpoint(latest)
-        load_strict(task, model_state, str(latest))
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, consumed, rng = state["step"], state["epoch"], state["consumed"], state["rng"]
-        best = state.get("best", best)
-    if is_main_process():
-        save_resolved(cfg, run_dir)
-        write_json(run_dir / "teacher.json", teacher_identity(cfg, teacher))
+def resume_from_latest(r: Run) -> dict[str, Any]:
+    """Restore the newest complete checkpoint into `r` (task, optimizer, position, best);
+    returns its RNG states, restored by the caller once everything is built."""
+    from dlip.models.io import load_strict
 
-    model: nn.Module = task
-    if is_dist():  # only the task (student + adapters) is wrapped; the teacher never is
-        model = DDP(task, device_ids=[device.index] if device.type == "cuda" else None)
+    latest = find_latest(r.run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"--resume latest: no checkpoint under {r.run_dir}/checkpoints")
+    model_state, state = load_checkpoint(latest)
+    load_strict(r.task, model_state, str(latest))
+    r.optimizer.load_state_dict(state["optimizer"])
+    r.step, r.epoch, r.consumed = state["step"], state["epoch"], state["consumed"]
+    r.best = state.get("best", r.best)
+    return state["rng"]
+
+
+def train_epochs(r: Run, logger: MetricsLogger) -> None:
+    """Epochs until `total_steps`: steps, logs, checkpoints, validation after each epoch
+    (every `eval.every_epochs`) and after the last step."""
     from dlip.tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer()
-    logger = MetricsLogger(run_dir, resume_step=step if resume else None)
-    bar = progress_bar(total_steps, initial=step)
+    cfg, tokenizer = r.cfg, get_tokenizer()
+    bar = progress_bar(r.total_steps, initial=r.step)
     speed = Throughput()
     global_batch = cfg.data.batch_size * cfg.optim.accum_steps * get_world_size()
-    if rng is not None:
-        restore_rng(rng)  # last, after everything that draws random numbers was built
     speed.start()
     try:
-        while step < total_steps:
+        while r.step < r.total_steps:
             group: list[dict[str, Tensor]] = []
-            for batch in epoch_batches(loader, epoch, consumed):
-                consumed += 1
+            for batch in epoch_batches(r.loader, r.epoch, r.consumed):
+                r.consumed += 1
                 batch.pop("skipped", None)
-                group.append(to_inputs(batch, tokenizer, cfg.data.max_length, device))
+                group.append(to_inputs(batch, tokenizer, cfg.data.max_length, r.device))
                 if len(group) < cfg.optim.accum_steps:
                     continue
                 metrics = train_step(
-                    model, task, optimizer, group, cfg, step, steps_per_epoch, total_steps
-                )
-                group, step = [], step + 1
+                    r.model, r.task, r.optimizer, group, cfg, r.step, r.steps_per_epoch,
+                    r.total_steps,
+                )  # fmt: skip
+                group, r.step = [], r.step + 1
                 speed.tick(global_batch)
-                metrics.update(samples_per_s=speed.samples_per_s, epoch=epoch)
-                if step % cfg.run.log_every == 0 or step == total_steps:
-                    logger.log(step, metrics)
+                metrics.update(samples_per_s=speed.samples_per_s, epoch=r.epoch)
+                if r.step % cfg.run.log_every == 0 or r.step == r.total_steps:
+                    logger.log(r.step, metrics)
                 bar.update(1)
-                bar.set_postfix(progress_postfix(metrics["loss"], speed, total_steps - step))
-                if step % cfg.run.ckpt_every == 0 or step == total_steps:
-                    _save(run_dir, cfg, task, optimizer, step, epoch, consumed, teacher, best)
-                if step >= total_steps:
+                bar.set_postfix(progress_postfix(metrics["loss"], speed, r.total_steps - r.step))
+                if r.step % cfg.run.ckpt_every == 0 or r.step == r.total_steps:
+                    _save(r)
+                if r.step >= r.total_steps:
                     break
             else:
-                epoch, consumed = epoch + 1, 0
-                if job.validate is not None and epoch % cfg.eval.every_epochs == 0:
-                    _validate(job, task, run_dir, step, epoch, best, logger)
-        if job.validate is not None and best["validated_step"] != step:
-            done = epoch + (1 if consumed >= len(loader) else 0)  # epochs completed
-            _validate(job, task, run_dir, step, done, best, logger)  # the run's last state
+                r.epoch, r.consumed = r.epoch + 1, 0
+                if r.job.validate is not None and r.epoch % cfg.eval.every_epochs == 0:
+                    _validate(r, r.epoch, logger)
+        if r.job.validate is not None and r.best["validated_step"] != r.step:
+            done = r.epoch + (1 if r.consumed >= len(r.loader) else 0)  # epochs completed
+            _validate(r, done, logger)  # the run's last state
     finally:
         bar.close()
-        logger.close()
-    final = run_dir / "final"
-    if is_main_process():
-        from dlip.models.io import save
-
-        save(task.student, final)
-    if is_dist():
-        dist.barrier()
-    return final
 
 
-def _validate(job, task, run_dir, step, epoch, best, logger) -> None:
+def _validate(r: Run, epoch: int, logger: MetricsLogger) -> None:
     """Validate (every rank), log `val_*` (rank 0), keep the best student in run_dir/best."""
     from dlip.models.io import save
 
-    task.eval()
+    assert r.job.validate is not None
+    r.task.eval()
     try:
-        metrics = job.validate(task, epoch)
+        metrics = r.job.validate(r.task, epoch)
     finally:
-        task.train()
-    best["validated_step"] = step
+        r.task.train()
+    best = r.best
+    best["validated_step"] = r.step
     if is_main_process() and metrics is not None:
         score = float(metrics["score"])
-        logger.log(step, {f"val_{k}": v for k, v in metrics.items()} | {"epoch": epoch})
+        logger.log(r.step, {f"val_{k}": v for k, v in metrics.items()} | {"epoch": epoch})
         if best["score"] is None or score > best["score"]:
-            best.update(score=score, step=step, epoch=epoch, metrics=dict(metrics))
-            save(task.student, run_dir / "best")
-            write_json(run_dir / "best.json", best)
+            best.update(score=score, step=r.step, epoch=epoch, metrics=dict(metrics))
+            save(r.task.student, r.run_dir / "best")
+            write_json(r.run_dir / "best.json", best)
     if is_dist():
         dist.barrier()
 
 
-def _save(run_dir, cfg, task, optimizer, step, epoch, consumed, teacher, best=None) -> Path:
+def _save(r: Run) -> Path:
     state = {
-        "best": best,
-        "model": task,
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "consumed": consumed,  # loader batches of `epoch` already trained on
+        "best": r.best,
+        "model": r.task,
+        "optimizer": r.optimizer.state_dict(),
+        "epoch": r.epoch,
+        "consumed": r.consumed,  # loader batches of `epoch` already trained on
         "rng": capture_rng(),
-        "teacher": str(teacher_identity(cfg, teacher)["checkpoint"]),
+        "teacher": str(teacher_identity(r.cfg, r.teacher)["checkpoint"]),
     }
-    return save_checkpoint(run_dir, step, state, keep_last=cfg.run.keep_last)
+    return save_checkpoint(r.run_dir, r.step, state, keep_last=r.cfg.run.keep_last)

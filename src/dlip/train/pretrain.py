@@ -1,4 +1,4 @@
-"""Distillation pretraining: the task module, the run setup and the `dlip pretrain` entry point.
+"""Distillation pretraining (`dlip pretrain`): the student, the data and the run.
 
 One process (CPU or one GPU, no torch.distributed):
 
@@ -11,245 +11,23 @@ Several processes (DDP; gloo on CPU, nccl on CUDA), the same arguments:
     torchrun --nproc_per_node=4 -m dlip pretrain \
         --config configs/pretrain/dlip_small_from_blip_base.yaml teacher.checkpoint=DIR
 
-`PretrainTask` is the one trainable module (student + `KDAdapters`, plus the student's momentum
-encoder and feature queue when `loss.momentum_distill` is on, which are state but not
-parameters being optimised). The frozen teacher is held outside the module's parameters, stays
-in eval mode when the task's `train()` is called and runs under no_grad: it is never wrapped in
-DDP, optimised or checkpointed. `forward(batch)` returns the named, unweighted loss terms; the
-weighted sum is taken in `dlip.train.loop.total_loss`.
+From Python: `pretrain(load("configs/pretrain/tiny_synth.yaml", ["run_dir=DIR"]))`. The task
+(student + KD adapters, frozen teacher beside it) is `dlip.train.task.PretrainTask`; the loop
+that trains it is `dlip.train.loop.run`, given this module's `JOB`.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import random
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from dlip.losses.adapters import KDAdapters, KDConfig
-from dlip.losses.distill import ITCFeatures, KDInputs, KDMasks, distill_losses, lm_kd_mask
-from dlip.losses.itc import TEMP_MAX, TEMP_MIN, FeatureQueue, clamp_temp, itc_loss
-from dlip.losses.itm import build_itm_batch, itm_loss, with_first_token
-from dlip.losses.lm import lm_loss
 from dlip.models.blip import BLIP
-from dlip.tokenizer import Tokenizer
+from dlip.models.config import ModelConfig
 from dlip.train.config import PretrainConfig
-from dlip.train.distributed import (
-    all_gather_no_grad,
-    all_gather_with_grad,
-    get_world_size,
-    is_dist,
-)
-
-# KD terms -> the teacher passes they read (the image pass always runs).
-_TEXT_TERMS = {"kd_itc", "kd_rep_text", "kd_hidden_text", "kd_attn_text"}
-_FUSION_TERMS = {"kd_itm", "kd_rep_fusion", "kd_hidden_fusion", "kd_attn_fusion", "kd_attn_cross"}
-_DECODER_TERMS = {"kd_lm", "kd_rep_decoder", "kd_hidden_decoder", "kd_attn_decoder"}
-
-
-class PretrainTask(nn.Module):
-    """Student + KD adapters (+ momentum encoder and queue): the module DDP wraps and the
-    optimizer and checkpoints see. The teacher is attached but not registered.
-
-    The same task serves finetuning: `objectives` picks what runs ("itc", "itm", "lm"; pretraining
-    runs all three), a batch's `image_idx` makes captions of one image positives of each other
-    (retrieval), and `prompt_length` keeps the prompt out of the LM targets (captioning).
-    """
-
-    def __init__(
-        self,
-        cfg: PretrainConfig,
-        student: BLIP,
-        teacher: BLIP | None = None,
-        adapters: KDAdapters | None = None,
-        objectives: Sequence[str] = ("itc", "itm", "lm"),
-        prompt_length: int = 0,
-    ) -> None:
-        super().__init__()
-        self.kd: KDConfig = cfg.kd_config() if teacher is not None else KDConfig()
-        enabled = set(self.kd.enabled)
-        self.use_itm = "itm" in objectives or bool(enabled & _FUSION_TERMS)
-        self.use_itc = "itc" in objectives or self.use_itm or bool(enabled & _TEXT_TERMS)
-        self.use_lm = "lm" in objectives or bool(enabled & _DECODER_TERMS)
-        if self.use_itc and not student.config.has_encoder:
-            raise ValueError("ITC/ITM (or their KD terms) need a student with has_encoder=True")
-        if self.use_lm and not student.config.has_decoder:
-            raise ValueError("the LM loss (or a decoder KD term) needs a student with has_decoder")
-        self.prompt_length = prompt_length
-        self.itm_all_ranks = cfg.loss.itm_all_ranks
-        self.student = student
-        self.adapters = adapters if adapters is not None else KDAdapters()
-        self.student_m: BLIP | None = None
-        self.queue: FeatureQueue | None = None
-        if cfg.loss.momentum_distill and self.use_itc:  # BLIP's momentum encoder: the student's
-            self.student_m = copy.deepcopy(student).requires_grad_(False)
-            self.queue = FeatureQueue(student.config.embed_dim, cfg.loss.queue_size)
-        # Not a submodule: out of parameters(), state_dict(), DDP and the optimizer.
-        object.__setattr__(self, "teacher", teacher)
-        if teacher is not None:
-            teacher.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> PretrainTask:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # frozen: dropout off whatever the task's mode
-        return self
-
-    def forward(self, batch: Mapping[str, Tensor], alpha: float = 0.0) -> dict[str, Tensor]:
-        """batch: image (B, 3, S, S), input_ids / attention_mask (B, T) ([CLS] first), and
-        optionally image_idx (B,). Returns the unweighted terms: loss_itc, loss_itm, loss_lm
-        (those the task runs) and every enabled kd_*."""
-        pixels, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
-        s, a = self.student, self.adapters
-        image = s.encode_image(pixels, taps=a.taps("image", "student"))
-        student = KDInputs(image=image)
-        seen: dict[str, Any] = {}  # the student's fusion / decoder outputs, kept for KD
-        terms: dict[str, Tensor] = {}
-        itm = None
-        if self.use_itc:
-            terms_c, itm = self._contrastive(batch, image, student, seen, alpha)
-            terms.update(terms_c)
-        if self.use_lm:
-
-            def lm_fn(img: Tensor, dec_ids: Tensor, dec_mask: Tensor) -> Tensor:
-                out = s.decode(img, dec_ids, dec_mask, taps=a.taps("decoder", "student"))
-                seen["decoder"], seen["lm_logits"] = out, s.text_decoder.cls(out.tokens)
-                return seen["lm_logits"]  # (B, T, V)
-
-            lm = lm_loss(lm_fn, image.tokens, ids, mask, prompt_length=self.prompt_length)
-            lm_weight = _token_share(lm.mask)  # DDP averages ranks; the LM averages tokens
-            terms["loss_lm"] = lm.loss * lm_weight
-            student.decoder, student.lm_logits = seen["decoder"], seen["lm_logits"]
-        if self.teacher is None or not self.kd.enabled:
-            return terms
-        neg = (itm.neg_image_idx, itm.neg_text_idx) if itm is not None else (None, None)
-        teacher = self._teacher_inputs(pixels, ids, mask, *neg)
-        lm_mask = lm_kd_mask(mask, self.prompt_length)
-        masks = KDMasks(text=mask, fusion=seen.get("fusion_mask"), decoder=mask, lm=lm_mask)
-        kd = distill_losses(student, teacher, a, self.kd, masks)
-        if "kd_lm" in kd:  # a token mean like loss_lm: the same cross-rank weighting
-            kd["kd_lm"] = kd["kd_lm"] * _token_share(lm_mask)
-        terms.update(kd)
-        return terms
-
-    def _contrastive(
-        self,
-        batch: Mapping[str, Tensor],
-        image: Any,
-        student: KDInputs,
-        seen: dict[str, Any],
-        alpha: float,
-    ) -> tuple[dict[str, Tensor], Any]:
-        """ITC (+ momentum queue) and ITM with hard negatives; fills `student`'s text/fusion."""
-        pixels, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
-        image_idx = batch.get("image_idx")  # (B,) same image -> positives, never negatives
-        s, a = self.student, self.adapters
-        text = s.encode_text(ids, mask, taps=a.taps("text", "student"))
-        feat_m: dict[str, Tensor] = {}
-        if self.student_m is not None:
-            with torch.no_grad():
-                feat_m["image_feat_m"] = self.student_m.encode_image(pixels).feat
-                feat_m["text_feat_m"] = self.student_m.encode_text(ids, mask).feat
-        itc = itc_loss(
-            image.feat, text.feat, s.temp, queue=self.queue, alpha=alpha, image_idx=image_idx,
-            **feat_m,
-        )  # fmt: skip
-        if self.queue is not None:  # after the loss: a batch never scores against itself
-            self.queue.enqueue(feat_m["image_feat_m"], feat_m["text_feat_m"], image_idx)
-        student.text = text
-        student.itc = _itc_features(image.feat, text.feat, clamp_temp(s.temp), with_grad=True)
-        terms = dict(itc.terms)
-        if not self.use_itm:
-            return terms, None
-
-        def itm_fn(img: Tensor, enc_ids: Tensor, enc_mask: Tensor) -> Tensor:
-            out = s.multimodal(img, enc_ids, enc_mask, taps=a.taps("fusion", "student"))
-            seen["fusion"], seen["fusion_mask"] = out, enc_mask
-            return s.itm_head(out.tokens[:, 0])  # (3B, 2)
-
-        itm = itm_loss(
-            itm_fn, image.tokens, ids, mask, itc.sim_i2t, itc.sim_t2i,
-            offset=itc.offset, image_idx=image_idx, across_ranks=self.itm_all_ranks,
-        )  # fmt: skip
-        student.fusion, student.itm_logits = seen["fusion"], itm.logits
-        terms.update(itm.terms)
-        return terms, itm
-
-    @torch.no_grad()
-    def _teacher_inputs(
-        self, pixels: Tensor, ids: Tensor, mask: Tensor, neg_image: Tensor, neg_text: Tensor
-    ) -> KDInputs:
-        """The teacher's passes on the same batch, with the taps the adapters ask for; the
-        fusion pass scores the student's sampled ITM pairs (positives, then negatives)."""
-        t, a, enabled = self.teacher, self.adapters, set(self.kd.enabled)
-        dtype = next(t.parameters()).dtype
-        size = t.config.vision.image_size
-        if pixels.shape[-1] != size:  # the teacher sees its own image size
-            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
-        out = KDInputs(image=t.encode_image(pixels.to(dtype), taps=a.taps("image", "teacher")))
-        if enabled & _TEXT_TERMS:
-            out.text = t.encode_text(ids, mask, taps=a.taps("text", "teacher"))
-            temp = t.temp.detach().float().clamp(TEMP_MIN, TEMP_MAX)
-            out.itc = _itc_features(out.image.feat, out.text.feat, temp, with_grad=False)
-        if enabled & _FUSION_TERMS:
-            enc_ids = with_first_token(ids, Tokenizer.enc_token_id)
-            images, itm_ids, itm_mask = build_itm_batch(
-                out.image.tokens, enc_ids, mask, neg_image, neg_text, self.itm_all_ranks
-            )
-            out.fusion = t.multimodal(images, itm_ids, itm_mask, taps=a.taps("fusion", "teacher"))
-            out.itm_logits = t.itm_head(out.fusion.tokens[:, 0])
-        if enabled & _DECODER_TERMS:
-            dec_ids = with_first_token(ids, Tokenizer.dec_token_id)
-            out.decoder = t.decode(
-                out.image.tokens, dec_ids, mask, taps=a.taps("decoder", "teacher")
-            )
-            out.lm_logits = t.text_decoder.cls(out.decoder.tokens)
-        return out
-
-
-def _token_share(counted: Tensor) -> Tensor:
-    """world * (this rank's counted tokens) / (all ranks' counted tokens); 1 in one process.
-
-    A token-mean loss times this share, averaged over ranks by DDP, is the mean over every
-    token of the global batch (not the mean of per-rank means, which weighs a rank's tokens
-    by how few it has)."""
-    if not is_dist():
-        return torch.ones((), device=counted.device)
-    local = counted.sum().float().reshape(1)
-    total = local.clone()
-    torch.distributed.all_reduce(total)
-    return local[0] * get_world_size() / total[0].clamp(min=1)
-
-
-def _itc_features(image: Tensor, text: Tensor, temp: Tensor, with_grad: bool) -> ITCFeatures:
-    """ITC features; under DDP also gathered from every rank (keys of the affinity KD)."""
-    if not is_dist():
-        return ITCFeatures(image=image, text=text, temp=temp)
-    gather = all_gather_with_grad if with_grad else all_gather_no_grad
-    return ITCFeatures(image, text, temp, image_all=gather(image), text_all=gather(text))
-
-
-# ------------------------------------------------------------------------------------ building
-def load_teacher(cfg: PretrainConfig) -> BLIP | None:
-    """The frozen teacher of `teacher.checkpoint`, or None; a missing path is a clear error."""
-    path = cfg.teacher.checkpoint
-    if not path:
-        return None
-    from dlip.models.io import load
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(
-            f"teacher.checkpoint={path!r} is not a directory: give a saved dlip model "
-            "(dlip.save / `dlip convert` output, or a pretrain run's final/)"
-        )
-    return load(path).requires_grad_(False).eval()
+from dlip.train.loop import Job, run
+from dlip.train.task import PretrainTask, build_adapters
 
 
 def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask:
@@ -259,15 +37,7 @@ def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask
     from dlip.models.presets import create_model
 
     student_config = cfg.model_config()
-    adapters = None
-    if teacher is not None:
-        s_vocab, t_vocab = student_config.text.vocab_size, teacher.config.text.vocab_size
-        if s_vocab != t_vocab:
-            raise ValueError(
-                f"teacher/student tokenizer mismatch: student vocab_size {s_vocab}, teacher "
-                f"{t_vocab} ({cfg.teacher.checkpoint}); both must use the same tokenizer"
-            )
-        adapters = KDAdapters.build(cfg.kd_config(), student_config, teacher.config)
+    adapters = build_adapters(cfg, student_config, teacher)
     student = create_model(student_config)
     apply_init(student, cfg.model.init, teacher)  # before the momentum copy in PretrainTask
     if cfg.model.temp_init is not None and student.config.has_encoder:
@@ -277,48 +47,44 @@ def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask
     return PretrainTask(cfg, student, teacher, adapters)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def build_loader(cfg: PretrainConfig, image_config: ModelConfig) -> DataLoader:
+    """The training loader; builds `data.synth_dir` first (rank 0) when it is absent."""
+    from torch.utils.data import ConcatDataset
+
+    from dlip.data.datasets import ManifestDataset
+    from dlip.data.loader import make_loader
+    from dlip.train.wds_loader import build_wds_loader, check_sources
+    from dlip.transforms import train_transform
+
+    d = cfg.data
+    manifests = [Path(m) for m in d.manifests]
+    if d.synth_dir is not None:
+        from dlip.data.synthetic import synthesize_once
+
+        size = image_config.vision.image_size
+        synth = synthesize_once(d.synth_dir, d.synth_images, cfg.run.seed, size)
+        manifests.insert(0, synth / "manifest.jsonl")
+    transform = train_transform(image_config, d.min_scale, d.rand_augment, d.hflip)
+    shard_dirs = check_sources(manifests)  # dirs and jsonl files mixed: ValueError
+    if shard_dirs:
+        return build_wds_loader(cfg, transform, shard_dirs)
+    if d.weights:
+        raise ValueError("data.weights (weighted sampling) needs shard dirs (`dlip data shard`)")
+    for m in manifests:
+        if not m.is_file():
+            raise FileNotFoundError(f"data manifest {m} not found")
+    sets = [ManifestDataset(m, transform, max_words=d.max_words) for m in manifests]
+    dataset = sets[0] if len(sets) == 1 else ConcatDataset(sets)
+    return make_loader(
+        dataset, d.batch_size, shuffle=True, num_workers=d.num_workers,
+        seed=cfg.run.seed, drop_last=True,
+    )  # fmt: skip
 
 
-def teacher_identity(cfg: PretrainConfig, teacher: BLIP | None) -> dict[str, Any]:
-    """What identifies the teacher of a run (saved with the run and in each checkpoint)."""
-    if teacher is None:
-        return {"checkpoint": None}
-    path = Path(cfg.teacher.checkpoint)
-    weights = path / "model.safetensors"
-    return {
-        "checkpoint": str(path.resolve()),
-        "name": teacher.config.name,
-        "weights_bytes": weights.stat().st_size,
-        "weights_mtime": weights.stat().st_mtime,
-    }
+# What pretraining plugs into the loop (no per-epoch validation).
+JOB = Job(build_task=build_task, build_loader=build_loader)
 
 
-# ----------------------------------------------------------------------------------- entry point
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlip pretrain", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return parser
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="run yaml (differences from defaults)")
-    parser.add_argument("overrides", nargs="*", help="key=value (e.g. run_dir=DIR max_steps=N)")
-    parser.add_argument("--resume", choices=["latest"], default=None, help="resume run_dir's run")
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from dlip.train.config import load
-    from dlip.train.loop import run
-
-    cfg = load(args.config, args.overrides)
-    run(cfg, resume=args.resume)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`dlip pretrain` as a function (tests call `main([...])`); errors raise."""
-    return cmd_pretrain(build_parser().parse_args(argv))
+def pretrain(cfg: PretrainConfig, resume: str | None = None) -> Path:
+    """Train as `cfg` says (`resume="latest"`: continue run_dir's run); returns run_dir/final."""
+    return run(cfg, JOB, resume=resume)

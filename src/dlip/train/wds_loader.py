@@ -169,7 +169,7 @@ class WdsLoader:
 
 def build_wds_loader(cfg: Any, transform: Any, dirs: Sequence[Path]) -> WdsLoader:
     """The training loader of a config whose `data.manifests` are shard dirs."""
-    from dlip.train.distributed import get_rank, get_world_size
+    from dlip.distributed import get_rank, get_world_size
 
     d = cfg.data
     return WdsLoader(

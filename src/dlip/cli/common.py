@@ -1,0 +1,19 @@
+"""What the command modules share: parsing that lets `key=value` overrides follow options."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, except that `key=value` overrides may also follow options
+    (`dlip finetune retrieval --config X optim.lr=1e-4`): argparse alone leaves those unparsed
+    once the optional positional list was consumed before the option."""
+    args, extra = parser.parse_known_args(argv)  # --help exits here, before torch is imported
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
