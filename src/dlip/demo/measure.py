@@ -83,5 +83,6 @@ def size_and_flops(model: BLIP) -> dict:
     (dlip.models.counting)."""
     from dlip.models.counting import model_info
 
-    info = model_info(model.config)
+    # both towers, whichever form a finetuned model was saved in
+    info = model_info(model.config.replace(has_encoder=True, has_decoder=True))
     return {"params": info["params"]["total"], "flops": info["flops"]}

@@ -151,3 +151,35 @@ def is_preset(spec: str | Path) -> bool:
     from dlip.models.presets import list_presets
 
     return not Path(spec).is_dir() and str(spec) in list_presets()
+
+
+# ------------------------------------------------------------------------------ task forms
+# form -> (has_encoder, has_decoder), as BLIP's finetuning classes hold a model.
+FORMS = {"retrieval": (True, False), "captioning": (False, True)}
+
+
+def task_form(model, form: str):
+    """`model` in the form one task trains: "retrieval" (ViT + text encoder + projections, ITM
+    head and temperature: BLIP_Retrieval) or "captioning" (ViT + the whole decoder:
+    BLIP_Decoder). The other tower is dropped, so no parameter is left without a gradient
+    (DDP refuses those); every kept tensor is the model's own, bit for bit. A model already in
+    that form comes back as it is."""
+    from dlip.models.blip import BLIP
+
+    if form not in FORMS:
+        raise ValueError(f"unknown model form {form!r}; forms are {sorted(FORMS)}")
+    enc, dec = FORMS[form]
+    c = model.config
+    if (c.has_encoder, c.has_decoder) == (enc, dec):
+        return model
+    if not (c.has_encoder if enc else c.has_decoder):
+        need = "has_encoder" if enc else "has_decoder"
+        raise ValueError(f"model '{c.name}' has no {form} form ({need}=False)")
+    out = BLIP(c.replace(has_encoder=enc, has_decoder=dec))
+    full = model.state_dict()  # every name of a tied tensor is in it
+    missing = sorted(set(out.state_dict()) - set(full))
+    if missing:
+        raise CheckpointError(f"'{c.name}' lacks tensors of its {form} form: {missing}")
+    out.load_state_dict({k: full[k] for k in out.state_dict()}, strict=True)
+    param = next(model.parameters())
+    return out.to(param.device, param.dtype).train(model.training)

@@ -49,11 +49,14 @@ def prompt_length(prompt: str) -> int:
 
 
 def load_student(cfg: FinetuneConfig) -> BLIP:
-    """The model to finetune at the run's image size (pos_embed resized when it changes)."""
-    from dlip.models.io import resolve
+    """The model to finetune, in the task's form (a pretraining checkpoint holds both towers;
+    each task trains one, as BLIP's finetuning classes do), at the run's image size (pos_embed
+    resized when it changes)."""
+    from dlip.models.io import resolve, task_form
 
     m = cfg.model
-    model = resolve(str(m.checkpoint or m.preset))
+    form = "retrieval" if cfg.task == "retrieval" else "captioning"
+    model = task_form(resolve(str(m.checkpoint or m.preset)), form)
     if m.image_size is not None and m.image_size != model.config.vision.image_size:
         model.set_image_size(m.image_size)
     model.set_grad_checkpointing(m.grad_checkpointing)
