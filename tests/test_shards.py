@@ -236,6 +236,32 @@ def test_resume_after_crash_mid_shard(corpus, written, tmp_path, monkeypatch):
     _assert_same_output(written, tmp_path)
 
 
+@pytest.mark.parametrize("kill", ["mid_append", "before_append", "before_unlink", "header"])
+def test_resume_after_kill_around_the_journal(corpus, written, tmp_path, kill):
+    """Each state a kill can leave around the journal resumes to the uninterrupted bytes."""
+    journal = tmp_path / shards_mod.JOURNAL_NAME
+    kwargs = {"max_side": MAX_SIDE, "shard_size": 6, "progress": False}
+    if kill == "before_unlink":  # the final index was written, the journal not yet deleted
+        write_shards(corpus, tmp_path, **kwargs)
+        journal.write_text('{"name": "000000.tar"}\n')
+    else:
+        write_shards(corpus, tmp_path, **kwargs, stop_after=3)
+        lines = journal.read_bytes().splitlines(keepends=True)
+        # mid_append: the third line torn; before_append: shard 2 renamed, its line unwritten
+        torn = lines[2][: len(lines[2]) // 2] if kill == "mid_append" else b""
+        journal.write_bytes(b"".join(lines[:2]) + torn)
+        if kill == "header":  # killed right after the run's first index.json
+            for path in [journal, *tmp_path.glob("*.tar")]:
+                path.unlink()
+        listed = [s["name"] for s in read_shard_index(tmp_path)["shards"]]
+        assert listed == ([] if kill == "header" else ["000000.tar", "000001.tar"])
+        write_shards(corpus, tmp_path, **kwargs, stop_after=1)  # appends after the torn line
+        assert len(read_shard_index(tmp_path)["shards"]) == len(listed) + 1
+    report = write_shards(corpus, tmp_path, **kwargs)
+    assert report.complete and not journal.exists()
+    _assert_same_output(written, tmp_path)
+
+
 def _assert_same_output(a: Path, b: Path) -> None:
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())

@@ -5,6 +5,7 @@
     dlip data build karpathy ANNOTATION.json --images IMAGE_ROOT --out M.jsonl
     dlip data build flickr30k-csv results.csv --images IMAGE_DIR --out M.jsonl
     dlip data merge A.jsonl B.jsonl ... --out ALL.jsonl [--exclude-karpathy SPLIT.json ...]
+                    [--dedupe-mib 256] [--tmp-dir DIR]
     dlip data export-json M.jsonl [M2.jsonl ...] --out all.json
     dlip data synth --out DIR --n N [--seed S] [--image-size 64] [--overwrite]
     dlip data shard MANIFEST --out DIR [--max-side 384] [--shard-size 1000] [--workers N]
@@ -35,6 +36,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Karpathy val/test JSONs: drop their COCO / Flickr30K images from the mix",
     )
     p.add_argument("--no-dedupe", action="store_true", help="keep repeated image+caption rows")
+    p.add_argument(
+        "--dedupe-mib",
+        type=float,
+        default=256,
+        help="dedupe memory budget, whatever the row count (64 bytes a row held; more spill)",
+    )
+    p.add_argument(
+        "--tmp-dir", type=Path, default=None, help="dedupe spill files (default: --out's folder)"
+    )
     p.set_defaults(func=cmd_merge)
 
     p = cmds.add_parser("export-json", help="the seed's all.json: [{caption, image_root, id}]")
@@ -170,6 +180,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         report=report,
         exclude_karpathy=args.exclude_karpathy,
         dedupe=not args.no_dedupe,
+        dedupe_mib=args.dedupe_mib,
+        tmp_dir=args.tmp_dir or args.out.parent,  # not /tmp: often RAM-backed and small
     )
     n = write_rows(rows, args.out, report)
     print(f"wrote {n} rows to {args.out}\n{report.summary()}")

@@ -8,13 +8,19 @@ rows that were never downloaded). A bad sample is never fatal: the code that mee
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import shutil
+import tempfile
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 MANIFEST_KEYS = ("image", "caption", "source", "image_id")
@@ -139,3 +145,144 @@ def write_manifest(rows: Iterable[dict[str, str]], path: str | Path) -> int:
             n += 1
     tmp.replace(path)
     return n
+
+
+# ---------------------------------------------------------------- dedupe in bounded memory
+
+# A key record: the 16-byte key as two integers and the position it was seen at; 24 bytes
+# in memory and in the spill files.
+_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("pos", "<u8")])
+# Peak bytes per record held, measured with tracemalloc (56-60 at 10^5-10^6 records, the
+# fixed overhead shows below that; tests/test_data_scale.py checks it): the records, a sorted
+# copy and the sort order. A MiB budget divided by this is the number of records held at once.
+DEDUPE_BYTES_PER_KEY = 64
+_BITS = 8  # a spill level splits by 8 more bits of the key: 256 files
+_LEVELS = 64 // _BITS
+
+
+def dedupe_key(row: dict[str, str]) -> bytes:
+    """What makes two rows `duplicate`s: the image and the caption (case and spacing ignored),
+    as a 16-byte digest (the strings would take far more memory)."""
+    text = row["image"] + "\0" + " ".join(row["caption"].lower().split())
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def dedupe_max_keys(memory_mib: float) -> int:
+    """Records `repeated_positions` may hold at once within `memory_mib` MiB."""
+    return max(2, int(memory_mib * 2**20) // DEDUPE_BYTES_PER_KEY)
+
+
+def _firsts_and_repeats(both: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Fold records into the distinct keys seen so far: `both` = [firsts, later records].
+
+    Returns the new firsts (one record per key, sorted by key) and the positions whose key
+    was already seen. lexsort is stable, so among equal keys the earliest position comes first.
+    The list is emptied so that its arrays are freed before the sorted copy is made.
+    """
+    records = np.concatenate(both)
+    both.clear()
+    order = np.lexsort((records["lo"], records["hi"]))
+    ordered = records[order]
+    del records, order
+    new = np.ones(len(ordered), dtype=bool)
+    hi, lo = ordered["hi"], ordered["lo"]
+    new[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+    return ordered[new], ordered["pos"][~new]
+
+
+def _scatter(records: np.ndarray, level: int, prefix: str, files: dict[int, Path]) -> None:
+    """Append records to the spill files of `level` by key bits; file order stays position order."""
+    part = (records["hi"] >> np.uint64(64 - _BITS * (level + 1))).astype(np.uint8)
+    order = np.argsort(part, kind="stable")
+    records, part = records[order], part[order]
+    del order
+    cuts = np.searchsorted(part, np.arange(1, 2**_BITS))
+    for p, chunk in enumerate(np.split(records, cuts)):
+        if chunk.size:
+            path = files.setdefault(p, Path(f"{prefix}{p:02x}"))
+            with path.open("ab") as f:
+                chunk.tofile(f)
+
+
+def _file_repeats(path: Path, level: int, max_keys: int) -> list[np.ndarray]:
+    """Repeated positions within one spill file, holding at most `max_keys` records at once.
+
+    The file is folded in chunks into its distinct keys; when those outgrow half the budget
+    the file is split by the next key bits instead (copies of one key never need a split).
+    """
+    step = max(1, max_keys // 2)
+    firsts, found = np.empty(0, _RECORD), []
+    with path.open("rb") as f:
+        while True:
+            both = [firsts, np.fromfile(f, dtype=_RECORD, count=step)]
+            del firsts  # the list holds the only references: the fold frees them early
+            if not both[1].size:
+                return found
+            firsts, repeats = _firsts_and_repeats(both)
+            found.append(repeats)
+            if len(firsts) > step and level + 1 < _LEVELS:
+                break
+    del firsts, found
+    files: dict[int, Path] = {}
+    with path.open("rb") as f:
+        while (records := np.fromfile(f, dtype=_RECORD, count=max_keys)).size:
+            _scatter(records, level + 1, f"{path}.", files)
+    path.unlink()
+    return [r for sub in files.values() for r in _file_repeats(sub, level + 1, max_keys)]
+
+
+def _records(keys: bytearray, positions: array) -> np.ndarray:
+    pairs = np.frombuffer(keys, dtype="<u8").reshape(-1, 2)
+    out = np.empty(len(positions), _RECORD)
+    out["hi"], out["lo"] = pairs[:, 0], pairs[:, 1]
+    out["pos"] = np.frombuffer(positions, dtype=np.uint64) if positions else 0
+    return out
+
+
+def repeated_positions(
+    keys: Iterable[bytes | None], *, max_keys: int, tmp_dir: str | Path | None = None
+) -> np.ndarray:
+    """Sorted positions in `keys` whose 16-byte key equals a key at an earlier position.
+
+    None is a position without a key. Memory: at most `max_keys` records (24 bytes each, plus
+    the sort's work: `DEDUPE_BYTES_PER_KEY` in all) whatever the number of keys, plus 8 bytes
+    per repeated position in the result (16 while it is assembled). When the keys do not fit,
+    they are spilled by key bits to 256 files in a temporary folder under `tmp_dir` (24 bytes a
+    key on disk) and each file is deduplicated alone (split further when its distinct keys do
+    not fit). The folder is removed on return and on error.
+    """
+    if max_keys < 2:
+        raise ValueError(f"max_keys must be >= 2, got {max_keys}")
+    tmp: str | None = None
+    files: dict[int, Path] = {}
+    buf, positions = bytearray(), array("Q")  # 24 bytes a key, no Python int objects
+    try:
+        for pos, key in enumerate(keys):
+            if key is None:
+                continue
+            if len(key) != 16:
+                raise ValueError(f"dedupe keys are 16 bytes, got {len(key)} at position {pos}")
+            buf += key
+            positions.append(pos)
+            if len(positions) == max_keys:
+                tmp = tmp or tempfile.mkdtemp(prefix="dlip-dedupe-", dir=tmp_dir)
+                records = _records(buf, positions)
+                buf, positions = bytearray(), array("Q")
+                _scatter(records, 0, os.path.join(tmp, ""), files)
+                del records
+        records = _records(buf, positions)
+        del buf, positions
+        if not files:  # everything fitted: no spill at all
+            both = [records]
+            del records
+            return np.sort(_firsts_and_repeats(both)[1])
+        _scatter(records, 0, os.path.join(tmp, ""), files)
+        del records
+        found = [r for path in files.values() for r in _file_repeats(path, 0, max_keys)]
+        out = np.concatenate([np.empty(0, np.uint64), *found])
+        del found
+        out.sort()
+        return out
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,7 @@ source; `merge_manifests` joins manifests, drops duplicates and Karpathy val/tes
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 import os
 import re
@@ -47,17 +47,15 @@ from dlip.data.common import (
     SkipCounts,
     check_caption,
     decode_image,
+    dedupe_key,
+    dedupe_max_keys,
     read_manifest,
+    repeated_positions,
     write_manifest,
 )
 from dlip.data.karpathy import build_flickr30k_csv as build_flickr30k_csv  # re-exported
 from dlip.data.karpathy import build_karpathy as build_karpathy  # re-exported
-from dlip.data.karpathy import (
-    coco_id_from_name,
-    eval_image_ids,
-    eval_key,
-    iter_json_array,
-)
+from dlip.data.karpathy import coco_id_from_name, eval_image_ids, eval_key, iter_json_array
 
 Row = dict[str, str]
 
@@ -437,38 +435,42 @@ def build_vg(
 # ---------------------------------------------------------------------------- merge / export
 
 
-def _dedupe_key(row: Row) -> bytes:
-    # 16-byte digest instead of the strings: millions of rows stay a few hundred MB.
-    text = row["image"] + "\0" + " ".join(row["caption"].lower().split())
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
 def merge_manifests(
     paths: Sequence[str | Path],
     *,
     report: BuildReport,
     exclude_karpathy: Sequence[str | Path] = (),
     dedupe: bool = True,
+    dedupe_mib: float = 256,
+    tmp_dir: str | Path | None = None,
 ) -> Iterator[Row]:
     """Rows of several manifests in order, with duplicates and Karpathy eval images dropped.
 
-    Duplicates are the same image path and caption (case and spacing ignored); the first wins.
-    `exclude_karpathy` lists Karpathy val/test JSONs: every row showing one of their images
-    (see `eval_key`) is dropped as `karpathy_eval`.
+    Duplicates share `dedupe_key` (image path and caption, case and spacing ignored); the first
+    wins. `exclude_karpathy` lists Karpathy val/test JSONs: every row showing one of their
+    images (see `eval_key`) is dropped as `karpathy_eval`. Dedupe reads the manifests twice
+    (`repeated_positions`): memory is `dedupe_mib` MiB (64 bytes a row held; more rows spill to
+    `tmp_dir`, 24 bytes a row) + 8 bytes a duplicate, whatever the row count.
     """
     leak = eval_image_ids(exclude_karpathy) if exclude_karpathy else set()
-    seen: set[bytes] = set()
-    for path in paths:
-        for row in read_manifest(path):
-            if leak and eval_key(row) in leak:
-                report.skipped.add("karpathy_eval")
-                continue
-            if dedupe:
-                key = _dedupe_key(row)
-                if key in seen:
-                    report.skipped.add("duplicate")
-                    continue
-                seen.add(key)
+    paths = list(paths)  # read twice
+
+    def rows() -> Iterator[tuple[Row, bool]]:  # every row of every manifest, and if it leaks
+        for row in itertools.chain.from_iterable(map(read_manifest, paths)):
+            yield row, bool(leak) and eval_key(row) in leak
+
+    keys = (None if leaked else dedupe_key(row) for row, leaked in rows())
+    max_keys = dedupe_max_keys(dedupe_mib)
+    found = repeated_positions(keys, max_keys=max_keys, tmp_dir=tmp_dir) if dedupe else ()
+    repeats = map(int, found)  # numpy scalars compare slowly
+    repeat = next(repeats, -1)
+    for pos, (row, leaked) in enumerate(rows()):
+        if leaked:
+            report.skipped.add("karpathy_eval")
+        elif pos == repeat:
+            report.skipped.add("duplicate")
+            repeat = next(repeats, -1)
+        else:
             yield row
 
 

@@ -11,11 +11,18 @@ Shards are `DIR/000000.tar`, `DIR/000001.tar`, ...; each holds `shard_size` samp
 last. `DIR/index.json` lists the completed shards with their sample counts, the manifest row
 range each covers (`rows: [start, end)`, skipped rows included) and skip counts by reason.
 
-Resuming: a shard is written as `NAME.tmp` and renamed when complete, then the index is
-rewritten atomically. A killed run is resumed by running the same command again: complete
-shards are kept as they are, the rows they cover are read past without decoding, and writing
-continues at the first row after them. Tar members carry fixed metadata (mtime 0, uid 0), so
-an interrupted-then-resumed run produces the same bytes as an uninterrupted one.
+Resuming: `index.json` is written first, without shards (`complete: false`). A shard is
+written as `NAME.tmp`, fsynced and renamed when complete; then its entry is appended as one
+line to `DIR/index.journal` and fsynced: O(1) bookkeeping per shard (rewriting the whole index
+after every shard made a run's bookkeeping quadratic in the shard count). At the end the full
+`index.json` is written once, atomically, and the journal is deleted. `read_shard_index` reads
+an unfinished run as the index plus its journal. A kill at any point leaves a resumable state:
+a torn last journal line (a kill mid-append) is dropped, a renamed shard whose line never made
+it is written again, and an `index.json` already complete ends the run. A killed run is resumed
+by running the same command again: listed shards are kept as they are, the rows they cover
+are read past without decoding, and writing continues at the first row after them. Tar members
+carry fixed metadata (mtime 0, uid 0), so an interrupted-then-resumed run produces the same
+bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from dlip.fileio import atomic_write_text
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "dlip-shards/1"
+JOURNAL_NAME = "index.journal"  # one shard entry per line while a run is unfinished
 _CHUNK = 256  # rows handed to the worker pool at a time (bounds memory on huge manifests)
 
 
@@ -152,6 +160,7 @@ class _ShardFile:
         os.fsync(self.file.fileno())
         self.file.close()
         self.tmp.replace(self.path)
+        _fsync_dir(self.path.parent)
         return {
             "name": self.path.name,
             "samples": self.samples,
@@ -175,9 +184,53 @@ def manifest_digest(path: str | Path) -> tuple[str, int]:
     return digest.hexdigest(), rows
 
 
-def read_shard_index(out_dir: str | Path) -> dict[str, Any]:
-    """The parsed `DIR/index.json`; a missing or foreign file is an error naming it."""
-    path = Path(out_dir) / INDEX_NAME
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable before the journal names its result."""
+    if not hasattr(os, "O_DIRECTORY"):  # no directory handles (Windows): nothing to sync
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_journal(out_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """The journal's shard entries and the length in bytes of its complete lines.
+
+    Each line is written and fsynced whole, so only an unterminated last line can be partial
+    (a kill mid-append): it is left out. Any other unreadable line is an error.
+    """
+    path = out_dir / JOURNAL_NAME
+    entries: list[dict[str, Any]] = []
+    good = 0
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return entries, good
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break  # torn tail
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
+            good += len(line)
+    return entries, good
+
+
+def _add_entry(index: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Count a finished shard into the in-memory index: O(1) per shard."""
+    totals = SkipCounts(index["skipped"])
+    totals.update(entry["skipped"])
+    index["shards"].append(entry)
+    index["samples"] += entry["samples"]
+    index["rows"] = entry["rows"][1]
+    index["skipped"] = dict(sorted(totals.items()))
+
+
+def _load_index(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no shard index {path} (write shards with `dlip data shard`)")
     try:
@@ -186,6 +239,20 @@ def read_shard_index(out_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise ValueError(f"{path}: not a dlip shard index (expected format {INDEX_FORMAT!r})")
+    return index
+
+
+def read_shard_index(out_dir: str | Path) -> dict[str, Any]:
+    """The parsed `DIR/index.json`; a missing or foreign file is an error naming it.
+
+    For an unfinished run, the shards its journal lists are added, with the totals, so the
+    result reads like the index of a run that stopped after them.
+    """
+    out_dir = Path(out_dir)
+    index = _load_index(out_dir / INDEX_NAME)
+    if not index["complete"]:
+        for entry in _read_journal(out_dir)[0]:
+            _add_entry(index, entry)
     return index
 
 
@@ -242,8 +309,10 @@ def _check_resumable(index: dict[str, Any], fresh: dict[str, Any], out_dir: Path
                 f"{where}: {key} differs from this run ({index.get(key)} vs {fresh[key]}); "
                 "use the same manifest and options to resume, or resume=False to start over"
             )
-    for shard in index["shards"]:
+    for n, shard in enumerate(index["shards"]):
         path = out_dir / shard["name"]
+        if shard["name"] != f"{n:06d}.tar":
+            raise ValueError(f"{where}: shard {n} is listed as {shard['name']}")
         if not path.is_file() or path.stat().st_size != shard["bytes"]:
             raise ValueError(f"{where}: listed shard {path} is missing or has the wrong size")
 
@@ -251,40 +320,46 @@ def _check_resumable(index: dict[str, Any], fresh: dict[str, Any], out_dir: Path
 def _start_index(
     manifest: Path, out_dir: Path, params: dict[str, Any], resume: bool
 ) -> dict[str, Any]:
-    """The index to continue from: the existing one when resuming, else a fresh one."""
+    """The index to continue from (the existing one plus its journal when resuming), or a
+    fresh one, already written as the header of a new run."""
     fresh = _fresh_index(manifest, params)
     for stale in out_dir.glob("*.tar.tmp"):  # a shard a killed run did not finish
         stale.unlink()
+    journal = out_dir / JOURNAL_NAME
     if not (out_dir / INDEX_NAME).exists():
         if any(out_dir.glob("*.tar")):
             raise FileExistsError(f"{out_dir} holds .tar files but no {INDEX_NAME}; use a new dir")
-        return fresh
-    index = read_shard_index(out_dir)
-    if resume:
+        journal.unlink(missing_ok=True)
+    elif resume:
+        index = read_shard_index(out_dir)
         _check_resumable(index, fresh, out_dir)
+        if index["complete"]:
+            journal.unlink(missing_ok=True)  # killed between the final index and this unlink
+            return index
+        good = _read_journal(out_dir)[1]
+        if journal.exists() and journal.stat().st_size != good:
+            os.truncate(journal, good)  # drop a torn last line before appending after it
         return index
-    for shard in index["shards"]:  # starting over: drop only what our own index lists
-        (out_dir / shard["name"]).unlink(missing_ok=True)
+    else:
+        index = read_shard_index(out_dir)
+        # Starting over: drop what our own index lists, and the one shard that may have been
+        # renamed into place before its journal line was written. The journal goes last, so
+        # a kill in between leaves the rest listed for the next start-over.
+        names = [s["name"] for s in index["shards"]] + [f"{len(index['shards']):06d}.tar"]
+        for name in names:
+            (out_dir / name).unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
+    _write_index(out_dir, fresh)  # before any shard: a .tar never sits without an index
     return fresh
 
 
-def _commit(
-    index: dict[str, Any],
-    out_dir: Path,
-    entry: dict[str, Any] | None,
-    rows: int,
-    skipped: SkipCounts | None = None,
-) -> None:
-    """Add a finished shard (and/or trailing skips) to the totals; rewrite the index atomically."""
-    totals = SkipCounts(index["skipped"])
-    if entry is not None:
-        index["shards"].append(entry)
-        index["samples"] += entry["samples"]
-        totals.update(entry["skipped"])
-    totals.update(skipped or {})
-    index["rows"] = rows
-    index["skipped"] = dict(sorted(totals.items()))
-    _write_index(out_dir, index)
+def _commit(index: dict[str, Any], out_dir: Path, entry: dict[str, Any]) -> None:
+    """Record a finished shard: one fsynced journal line, whatever the shard count."""
+    _add_entry(index, entry)
+    with (out_dir / JOURNAL_NAME).open("ab") as f:
+        f.write(json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _report(index: dict[str, Any], out_dir: Path, reused: int) -> ShardReport:
@@ -366,7 +441,7 @@ def _write_rows(
             # A full shard closes only when the next kept sample arrives, so skipped rows
             # between the two belong to it and no empty shard is ever written.
             if shard.samples == p["shard_size"]:
-                _commit(index, out_dir, shard.finish(row_end=n), rows=n)
+                _commit(index, out_dir, shard.finish(row_end=n))
                 shard, done_now = None, done_now + 1
                 if stop_after is not None and done_now >= stop_after:
                     return
@@ -383,13 +458,15 @@ def _write_rows(
 
 
 def _finish(index: dict[str, Any], out_dir: Path, shard: _ShardFile | None, rows: int) -> None:
-    """Close the last shard at the end of the manifest and mark the index complete."""
-    entry, trailing = None, None
+    """Close the last shard at the end of the manifest; write the full index once."""
     if shard is not None and shard.samples:
-        entry = shard.finish(row_end=rows)
+        _add_entry(index, shard.finish(row_end=rows))
     elif shard is not None:  # no kept sample at all since the last shard: no tar for them
         shard.abandon()
         shard.tmp.unlink()
-        trailing = shard.skipped
-    index["complete"] = True
-    _commit(index, out_dir, entry, rows=rows, skipped=trailing)
+        totals = SkipCounts(index["skipped"])
+        totals.update(shard.skipped)
+        index["skipped"] = dict(sorted(totals.items()))
+    index["rows"], index["complete"] = rows, True
+    _write_index(out_dir, index)  # the one O(shards) write of the run
+    (out_dir / JOURNAL_NAME).unlink(missing_ok=True)
