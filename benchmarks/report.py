@@ -269,6 +269,83 @@ def kd_experiment(record: dict) -> str:
     return table(["model", "params", "ITC loss", "ITM loss", "LM loss"], rows)
 
 
+# ------------------------------------------------------------------------ GPU (gpu_check.sh)
+def gpu_check(record: dict) -> str:
+    header = ["part", "status", "seconds", "time box s", "JSON"]
+    rows = [
+        [p["part"], p["status"], str(p["seconds"]), str(p["time_box_s"]), f"`{p['json']}`"]
+        for p in record["parts"]
+    ]
+    note = (
+        f"nvidia-smi: {record.get('nvidia_smi') or 'n/a'}; CUDA {record.get('torch_cuda')}; "
+        f"budget {record['budget_s']} s, whole run {record['elapsed_s']} s."
+    )
+    return note + "\n\n" + table(header, rows)
+
+
+def _share(c: dict) -> str:
+    if not c["with_teacher"]:
+        return "-"
+    return f"{pct(c.get('teacher_share_direct'))} / {pct(c.get('teacher_share_difference'))}"
+
+
+def gpu_train(record: dict) -> str:
+    header = ["configuration", "batch", "ms/step (median)", "samples/s"]
+    header += ["teacher share (direct / difference)", "TFLOP/s", "MFU", "peak GiB", "warm-up s"]
+    rows = []
+    for c in record["configurations"]:
+        if "seconds_per_step" not in c:
+            rows.append([c["name"], str(c["batch_size"]), c.get("error", "not finished")])
+            rows[-1] += [""] * (len(header) - 3)
+            continue
+        rows.append(
+            [
+                c["name"],
+                str(c["batch_size"]),
+                num(c["seconds_per_step"] * 1000),
+                num(c["samples_per_s"]),
+                _share(c),
+                num(c["achieved_tflops"]),
+                pct(c["mfu"]),
+                f"{c['peak_memory_gib']:.2f}",
+                f"{sum(c['warmup_times_s']):.1f}",
+            ]
+        )
+    peak = record.get("peak_bf16_flops")
+    compiled = f"run.compile ({record['compile_backend']})" if record["compile"] else "eager"
+    note = (
+        f"{record['device']}, {record['precision']}, {compiled}, {record['image_size']} px; "
+        f"median of {record['timed_steps']} steps after {record['warmup_steps']} warm-up; "
+        f"MFU against {peak / 1e12:.0f} TFLOP/s; status: {record['status']}."
+        if peak
+        else f"{record['device']}, {record['precision']}, {compiled}; status: {record['status']}."
+    )
+    return note + "\n\n" + table(header, rows)
+
+
+def gpu_itm(record: dict) -> str:
+    header = ["model", "params", "itm_batch", "unique pairs", "ms per re-rank", "pairs/s"]
+    rows = [
+        [r["model"], "", "", "", r["error"], ""]
+        if "error" in r
+        else [
+            r["model"],
+            f"{r['params'] / 1e6:.1f}M",
+            str(r["itm_batch"]),
+            str(r["unique_pairs"]),
+            num(r["seconds"] * 1000),
+            num(r["pairs_per_s"]),
+        ]
+        for r in record["rows"]
+    ]
+    note = (
+        f"{record['device']}, {record['precision']}, {record['image_size']} px, "
+        f"{record['num_images']} images x {record['num_texts']} texts, k = {record['k']}; "
+        f"{record['statistic']}; status: {record['status']}."
+    )
+    return note + "\n\n" + table(header, rows)
+
+
 # region name -> (results file, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "size": ("model_size.json", size_tables),
@@ -283,6 +360,10 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "train_throughput": ("train_throughput_cpu.json", train_throughput),
     "hf_speed": ("hf_speed_cpu.json", hf_speed),
     "kd_experiment": ("kd_experiment.json", kd_experiment),
+    "gpu_check": ("gpu_check.json", gpu_check),
+    "gpu_train_eager": ("gpu_train_eager.json", gpu_train),
+    "gpu_train_compile": ("gpu_train_compile.json", gpu_train),
+    "gpu_itm": ("gpu_itm.json", gpu_itm),
 }
 
 
