@@ -13,6 +13,8 @@ exchange when several tensors of the same batch are gathered.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -116,6 +118,21 @@ def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
     return int(t.item())
 
 
+def _attempt_store(timeout) -> tuple[dist.Store, int, int]:
+    """torchrun's env:// store, its keys prefixed by the restart attempt.
+
+    After `torchrun --max-restarts` restarts the workers, they rendezvous again on the same
+    store (c10d: the agent's; static: MASTER_PORT), where the previous attempt's keys are still
+    there: the new process group could read the old workers' addresses and fail to connect, or
+    hang (seen with gloo on torch 2.14, about one restart in two). A prefix per attempt
+    (TORCHELASTIC_RESTART_COUNT) keeps each attempt's keys apart."""
+    import os
+
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"dlip/attempt_{attempt}/", store), rank, world
+
+
 def setup_device(device: str = "auto") -> torch.device:
     """This process's device; the default process group too when WORLD_SIZE > 1 (torchrun).
 
@@ -127,7 +144,9 @@ def setup_device(device: str = "auto") -> torch.device:
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
         backend = "nccl" if want_cuda else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        store, rank, world = _attempt_store(timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     if want_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -153,3 +172,12 @@ def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if is_dist():
         dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (pickled; small objects only); `obj` in one process."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

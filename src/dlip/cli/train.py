@@ -19,7 +19,13 @@ from dlip.cli.common import parse_args
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="run yaml (differences from the defaults)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. run_dir=DIR optim.lr=1e-4")
-    p.add_argument("--resume", choices=["latest"], default=None, help="continue run_dir's run")
+    p.add_argument(
+        "--resume",
+        choices=["latest", "auto"],
+        default=None,
+        help="latest: continue run_dir's run; auto: continue it if it has a checkpoint, else "
+        "start (one command for the first launch and every requeue)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -155,15 +155,15 @@ def make_data(plan: DemoPlan, lay: Layout) -> None:
     print(f"images {report.images}, captions {report.captions} -> {lay.data}")
 
 
-def _resume(run_dir: Path) -> str | None:
-    """ "latest" when an interrupted run left a checkpoint in `run_dir` (`--resume latest`)."""
+def _resume(run_dir: Path) -> str:
+    """`--resume auto`: continue an interrupted stage from its checkpoint, else start it (a
+    stage killed before its first checkpoint starts over)."""
     from dlip.train.checkpoint import find_latest
 
     latest = find_latest(run_dir)
-    if latest is None:
-        return None
-    print(f"resuming from {latest}")
-    return "latest"
+    if latest is not None:
+        print(f"resuming from {latest}")
+    return "auto"
 
 
 def pretrain(path: Path, run_dir: Path) -> None:

@@ -412,6 +412,21 @@ _TERMS: dict[str, TermFn] = {
 assert set(_TERMS) == set(KD_TERMS)
 
 
+def token_mask(term: str, masks: KDMasks) -> Tensor | None:
+    """The mask over text tokens that `term` averages over, or None when it is a mean over
+    samples, rows or image tokens (a count fixed per sample). Under DDP a token mean must be
+    weighted by the rank's share of the global batch's tokens (dlip.train.task), since ranks
+    hold different numbers of real tokens."""
+    if term == "kd_lm":
+        return masks.lm
+    kind = KD_TERMS[term]
+    if kind.stream == "image" or kind.kind == "logits":
+        return None
+    if kind.kind == "rep" and kind.stream != "decoder":  # one [CLS] / [ENC] per sample
+        return None
+    return _stream_mask(masks, kind.stream)
+
+
 # ---------------------------------------------------------------------------------- helpers
 def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean of `x` over entries where `mask` (broadcast to x's leading dims) is nonzero."""

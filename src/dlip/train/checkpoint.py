@@ -18,6 +18,7 @@ when a process group exists every rank waits at a barrier until the checkpoint i
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -38,6 +39,7 @@ from dlip.models.io import WEIGHTS_FILE, unique_state_dict
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_FILE = "trainer.pt"
 TMP_PREFIX = ".tmp-"
+META_FILE = "meta.json"  # {"run_id", "step"}: which run wrote the checkpoint
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -114,14 +116,18 @@ def _clean_temp(root: Path) -> None:
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, state: Mapping[str, Any], keep_last: int | None = 3
+    run_dir: str | Path,
+    step: int,
+    state: Mapping[str, Any],
+    keep_last: int | None = 3,
+    run_id: str | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step_{step}/` atomically; returns its path on every rank.
 
     `state["model"]` (an `nn.Module`, or a state dict) goes to `model.safetensors`; every other
-    entry goes to `trainer.pt`, together with `step`. Afterwards all but the newest `keep_last`
-    complete checkpoints are deleted (`None` keeps all). Saving a step that already exists
-    replaces it.
+    entry goes to `trainer.pt`, together with `step`; `meta.json` names the run. Afterwards all
+    but the newest `keep_last` complete checkpoints of the same run are deleted (`None` keeps
+    all; another run's are never touched). Saving a step that already exists replaces it.
     """
     if "model" not in state:
         raise KeyError("save_checkpoint needs state['model'] (the trainable module's weights)")
@@ -129,16 +135,23 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     final = step_dir(run_dir, step)
     if is_main_process():
-        _write(final, step, state)
+        _write(final, step, state, run_id)
         if keep_last is not None:
-            for _, old in _complete_steps(run_dir)[:-keep_last]:
+            own = [d for _, d in _complete_steps(run_dir) if read_run_id(d) == run_id]
+            for old in own[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     if is_dist():
         dist.barrier()
     return final
 
 
-def _write(final: Path, step: int, state: Mapping[str, Any]) -> None:
+def read_run_id(checkpoint: Path) -> str | None:
+    """The id of the run that wrote `checkpoint` (None for checkpoints without meta.json)."""
+    meta = checkpoint / META_FILE
+    return json.loads(meta.read_text()).get("run_id") if meta.is_file() else None
+
+
+def _write(final: Path, step: int, state: Mapping[str, Any], run_id: str | None) -> None:
     from safetensors.torch import save_file
 
     trainer = {k: v for k, v in state.items() if k != "model"}
@@ -155,7 +168,8 @@ def _write(final: Path, step: int, state: Mapping[str, Any]) -> None:
             _model_tensors(state["model"]), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"}
         )
         torch.save(trainer, tmp / TRAINER_FILE)
-        for f in (tmp / WEIGHTS_FILE, tmp / TRAINER_FILE):
+        (tmp / META_FILE).write_text(json.dumps({"run_id": run_id, "step": step}) + "\n")
+        for f in (tmp / WEIGHTS_FILE, tmp / TRAINER_FILE, tmp / META_FILE):
             _fsync(f)
         _fsync(tmp)
         old = None
@@ -200,6 +214,25 @@ def capture_rng() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def capture_rng_all_ranks() -> list[dict[str, Any]]:
+    """Every rank's `capture_rng()`, indexed by rank (call on every rank; one entry without a
+    process group), so a multi-process resume continues each rank's own random draws."""
+    state = capture_rng()
+    if not is_dist():
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def rng_of_rank(saved: Any, rank: int, world: int) -> Mapping[str, Any]:
+    """This rank's saved RNG state: its own entry of a per-rank list of the same world size,
+    else rank 0's (a checkpoint of another world size, or of the older one-state format)."""
+    if isinstance(saved, list):
+        return saved[rank] if len(saved) == world else saved[0]
+    return saved
 
 
 def restore_rng(state: Mapping[str, Any]) -> None:

@@ -208,6 +208,7 @@ class RunSection:
     seed: int = 42  # BLIP's; each rank offsets it by its rank
     bf16: bool = True  # autocast on GPU (CPU runs stay fp32)
     compile: bool = False  # torch.compile the student (opt-in)
+    overwrite: bool = False  # a fresh run may replace another run's files in run_dir
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
 
     def __post_init__(self) -> None:

@@ -3,13 +3,14 @@ data, checkpoints, resume, logging, validation). What a kind of run trains is a 
 pretraining's is `dlip.train.pretrain.JOB`, finetuning's is built in `dlip.train.finetune`. The
 loop imports neither.
 
-Resume (`--resume latest`): the newest complete `run_dir/checkpoints/step_N` restores the task
-(student, adapters, momentum encoder, queue), the optimizer, the step, the epoch and the number
-of loader batches consumed in it, and the RNG states. Data order is a function of (seed, epoch)
-(`make_loader`), so the resumed epoch skips its consumed batches by index, without loading
-them. The lr schedule is a function of the step (no scheduler state); keep `run.max_steps`
-fixed across a resume when the schedule is cosine (its length depends on it). RNG states are
-rank 0's: a multi-process resume continues the same data, not the same random draws.
+Resume (`--resume latest`, or `--resume auto` = resume when a checkpoint exists, else start;
+the rules of a run directory are in dlip.train.rundir): the newest complete
+`run_dir/checkpoints/step_N` restores the task (student, adapters, momentum encoder, queue),
+the optimizer, the step, the epoch and the number of loader batches consumed in it, and every
+rank's RNG states. Data order is a function of (seed, epoch) (`make_loader`), so the resumed
+epoch skips its consumed batches by index, without loading them. The lr schedule is a function
+of the step (no scheduler state). A resume with another teacher, or a config change that would
+alter the remaining steps (e.g. `run.max_steps` under a cosine schedule), is refused.
 
 A NaN/inf term stops the run before the optimizer step, naming the step and the term; nothing
 is saved then, so the last good checkpoint stays the latest.
@@ -32,6 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
 from dlip.distributed import (
+    barrier,
+    broadcast_object,
     get_rank,
     get_world_size,
     is_dist,
@@ -42,10 +45,12 @@ from dlip.fileio import write_json
 from dlip.losses.itc import alpha_at
 from dlip.models.blip import BLIP
 from dlip.train.checkpoint import (
-    capture_rng,
+    capture_rng_all_ranks,
     find_latest,
     load_checkpoint,
+    read_run_id,
     restore_rng,
+    rng_of_rank,
     save_checkpoint,
 )
 from dlip.train.config import PretrainConfig, save_resolved
@@ -58,6 +63,15 @@ from dlip.train.logging import (
     reduce_terms,
 )
 from dlip.train.optim import build_optimizer, lr_at, set_lr
+from dlip.train.rundir import (
+    TEACHER_FILE,
+    check_config,
+    check_teacher,
+    clear_run,
+    holds_a_run,
+    new_run_id,
+    resolve_resume,
+)
 from dlip.train.task import PretrainTask, load_teacher, teacher_identity
 
 
@@ -212,26 +226,40 @@ class Run:
     optimizer: torch.optim.Optimizer
     steps_per_epoch: int
     total_steps: int
+    teacher_id: dict[str, Any]  # teacher.json: what a resume must match
     step: int = 0
     epoch: int = 0
     consumed: int = 0  # loader batches of `epoch` already trained on
     best: dict[str, Any] = field(default_factory=lambda: {"score": None, "validated_step": -1})
+    run_id: str = ""  # names the run's checkpoints (rotation touches only these)
 
 
 # ------------------------------------------------------------------------------------ the run
 def run(cfg: Any, job: Job, resume: str | None = None) -> Path:
     """Train as `cfg` says (a PretrainConfig with pretraining's job, or a FinetuneConfig with
-    finetuning's); returns `run_dir/final`. Errors in the setup come before step 1."""
+    finetuning's); `resume`: None, "latest" or "auto". Returns `run_dir/final`. Errors in the
+    setup and refusals of the run directory come before step 1."""
+    run_dir = Path(cfg.run.run_dir)
+    mode = resolve_resume(run_dir, resume, cfg.run.overwrite, find_latest(run_dir))
     r = setup(cfg, job)
-    rng = resume_from_latest(r) if resume == "latest" else None
+    rng = None
+    if mode == "latest":
+        check_teacher(r.run_dir, r.teacher_id)
+        check_config(r.run_dir, cfg)
+        rng = resume_from_latest(r)
+    else:
+        if is_main_process() and holds_a_run(r.run_dir):  # allowed: overwrite, or auto
+            clear_run(r.run_dir)
+        barrier()
+        r.run_id = new_run_id()
     if is_main_process():
         save_resolved(cfg, r.run_dir)
-        write_json(r.run_dir / "teacher.json", teacher_identity(cfg, r.teacher))
+        write_json(r.run_dir / TEACHER_FILE, r.teacher_id)
     if is_dist():  # only the task (student + adapters) is wrapped; the teacher never is
-        r.model = DDP(r.task, device_ids=[r.device.index] if r.device.type == "cuda" else None)
-    logger = MetricsLogger(r.run_dir, resume_step=r.step if resume else None)
-    if rng is not None:
-        restore_rng(rng)  # last, after everything that draws random numbers was built
+        r.model = wrap_ddp(r.task, r.device)
+    logger = MetricsLogger(r.run_dir, resume_step=r.step if mode else None)
+    if rng is not None:  # last, after everything that draws random numbers was built
+        restore_rng(rng_of_rank(rng, get_rank(), get_world_size()))
     try:
         train_epochs(r, logger)
     finally:
@@ -244,6 +272,17 @@ def run(cfg: Any, job: Job, resume: str | None = None) -> Path:
     if is_dist():
         dist.barrier()
     return final
+
+
+def wrap_ddp(task: PretrainTask, device: torch.device) -> DDP:
+    """DDP without the per-forward buffer broadcast: the task's buffers (the momentum queue,
+    up to ~118 MB at BLIP's 57,600 entries) are the same on every rank by construction, so
+    re-sending rank 0's before every forward would only cost bandwidth. Synced once at init."""
+    import inspect
+
+    no_resync = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    option = {"forward_sync_buffers": False} if no_resync else {"broadcast_buffers": False}
+    return DDP(task, device_ids=[device.index] if device.type == "cuda" else None, **option)
 
 
 def setup(cfg: Any, job: Job) -> Run:
@@ -273,6 +312,8 @@ def setup(cfg: Any, job: Job) -> Run:
     return Run(
         cfg, job, Path(cfg.run.run_dir), device, teacher, task, task, loader, optimizer,
         steps_per_epoch, total_steps=cfg.run.max_steps or cfg.run.epochs * steps_per_epoch,
+        # rank 0 reads the teacher's weights once for its digest (not every rank on a requeue)
+        teacher_id=broadcast_object(teacher_identity(cfg, teacher) if is_main_process() else None),
     )  # fmt: skip
 
 
@@ -282,9 +323,9 @@ def resume_from_latest(r: Run) -> dict[str, Any]:
     from dlip.models.io import load_strict
 
     latest = find_latest(r.run_dir)
-    if latest is None:
-        raise FileNotFoundError(f"--resume latest: no checkpoint under {r.run_dir}/checkpoints")
+    assert latest is not None  # resolve_resume checked
     model_state, state = load_checkpoint(latest)
+    r.run_id = read_run_id(latest) or new_run_id()
     load_strict(r.task, model_state, str(latest))
     r.optimizer.load_state_dict(state["optimizer"])
     r.step, r.epoch, r.consumed = state["step"], state["epoch"], state["consumed"]
@@ -367,7 +408,7 @@ def _save(r: Run) -> Path:
         "optimizer": r.optimizer.state_dict(),
         "epoch": r.epoch,
         "consumed": r.consumed,  # loader batches of `epoch` already trained on
-        "rng": capture_rng(),
-        "teacher": str(teacher_identity(r.cfg, r.teacher)["checkpoint"]),
+        "rng": capture_rng_all_ranks(),  # every rank's, indexed by rank
+        "teacher": str(r.teacher_id["checkpoint"]),
     }
-    return save_checkpoint(r.run_dir, r.step, state, keep_last=r.cfg.run.keep_last)
+    return save_checkpoint(r.run_dir, r.step, state, r.cfg.run.keep_last, r.run_id)

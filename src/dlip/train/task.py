@@ -26,7 +26,14 @@ from dlip.distributed import (
     is_dist,
 )
 from dlip.losses.adapters import KDAdapters, KDConfig, terms_of
-from dlip.losses.distill import ITCFeatures, KDInputs, KDMasks, distill_losses, lm_kd_mask
+from dlip.losses.distill import (
+    ITCFeatures,
+    KDInputs,
+    KDMasks,
+    distill_losses,
+    lm_kd_mask,
+    token_mask,
+)
 from dlip.losses.itc import (
     TEMP_MAX,
     TEMP_MIN,
@@ -139,9 +146,11 @@ class PretrainTask(nn.Module):
         lm_mask = lm_kd_mask(mask, self.prompt_length)
         masks = KDMasks(text=mask, fusion=seen.get("fusion_mask"), decoder=mask, lm=lm_mask)
         kd = distill_losses(student, teacher, a, self.kd, masks)
-        if "kd_lm" in kd:  # a token mean like loss_lm: the same cross-rank weighting
-            kd["kd_lm"] = kd["kd_lm"] * _token_share(lm_mask)
-        terms.update(kd)
+        # token means (kd_lm, text/fusion/decoder hidden, attention and decoder states): the
+        # same cross-rank weighting as loss_lm
+        shares = _token_shares([token_mask(term, masks) for term in kd])
+        for (term, value), share in zip(list(kd.items()), shares, strict=True):
+            terms[term] = value if share is None else value * share
         return terms
 
     def _contrastive(
@@ -225,12 +234,24 @@ def _token_share(counted: Tensor) -> Tensor:
     A token-mean loss times this share, averaged over ranks by DDP, is the mean over every
     token of the global batch (not the mean of per-rank means, which weighs a rank's tokens
     by how few it has)."""
+    (share,) = _token_shares([counted])
+    assert share is not None
+    return share
+
+
+def _token_shares(masks: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """`_token_share` of each mask (None stays None), with one all-reduce for all of them."""
+    live = [m for m in masks if m is not None]
+    if not live:
+        return [None] * len(masks)
     if not is_dist():
-        return torch.ones((), device=counted.device)
-    local = counted.sum().float().reshape(1)
+        ones = iter([torch.ones((), device=m.device) for m in live])
+        return [None if m is None else next(ones) for m in masks]
+    local = torch.stack([m.sum().float() for m in live])  # (K,) real tokens per mask here
     total = local.clone()
     torch.distributed.all_reduce(total)
-    return local[0] * get_world_size() / total[0].clamp(min=1)
+    shares = iter(local * get_world_size() / total.clamp(min=1))
+    return [None if m is None else next(shares) for m in masks]
 
 
 def _itc_features(image: Tensor, text: Tensor, temp: Tensor, with_grad: bool) -> ITCFeatures:
@@ -258,16 +279,24 @@ def load_teacher(cfg: PretrainConfig) -> BLIP | None:
 
 
 def teacher_identity(cfg: PretrainConfig, teacher: BLIP | None) -> dict[str, Any]:
-    """What identifies the teacher of a run (saved with the run and in each checkpoint)."""
+    """What identifies the teacher of a run (teacher.json; a resume must match it): its path,
+    name, weights size and SHA-256 (read once per run start: ~1 s per GB)."""
+    import hashlib
+
     if teacher is None:
         return {"checkpoint": None}
     path = Path(cfg.teacher.checkpoint)
     weights = path / "model.safetensors"
+    digest = hashlib.sha256()
+    with weights.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            digest.update(block)
     return {
         "checkpoint": str(path.resolve()),
         "name": teacher.config.name,
         "weights_bytes": weights.stat().st_size,
         "weights_mtime": weights.stat().st_mtime,
+        "weights_sha256": digest.hexdigest(),
     }
 
 
