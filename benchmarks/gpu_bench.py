@@ -8,8 +8,8 @@ on a GPU (on CPU with a tiny preset in the tests), and the run's summary.
 `train`: a recipe of configs/pretrain/ (default blip_base -> dlip_small, random init, no data)
 through the trainer's own `build_task`, `build_optimizer`, `train_step`, as (and with the
 helpers of) benchmarks/train_throughput.py: the teacher a random preset through `dlip.save` ->
-`load_teacher`, synthetic in-memory batches; on CUDA a bf16 teacher (teacher.bf16) and bf16
-autocast (run.bf16); `--compile` = run.compile (`BLIP.compile_blocks`). Each batch size runs
+`load_teacher`, synthetic in-memory batches; on CUDA a bf16 teacher and bf16 autocast
+(run.precision=auto); `--compile` = run.compile (`BLIP.compile_blocks`). Each batch size runs
 with the teacher and without (KD weights 0). Per row: step time (median of timed steps after
 the warm-up, each closed by torch.cuda.synchronize), samples/s, FLOPs (torch.utils.
 flop_counter over one eager step, teacher passes included), MFU = FLOPs / step time / the
@@ -248,7 +248,7 @@ def train_meta(args: argparse.Namespace, device: torch.device, peak: float | Non
     """What every row of a train record shares."""
     bf16 = device.type == "cuda"
     return {
-        "precision": "bf16 autocast (run.bf16), bf16 teacher (teacher.bf16)" if bf16 else "fp32",
+        "precision": "bf16 autocast, bf16 teacher (run.precision=auto)" if bf16 else "fp32",
         "compile": args.compile,
         "compile_backend": args.compile_backend if args.compile else None,
         "recipe": args.recipe,

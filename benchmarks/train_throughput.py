@@ -40,6 +40,7 @@ from torch import Tensor
 
 import dlip
 from dlip.fileio import machine
+from dlip.precision import autocast_dtype
 from dlip.tokenizer import Tokenizer
 from dlip.train.config import PretrainConfig, load
 from dlip.train.loop import seed_everything, train_step
@@ -218,8 +219,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for student in students:
             cfg = recipe(student, tmp, args.batch_size)
             teacher = load_teacher(cfg)
-            bf16 = device.type == "cuda" and cfg.teacher.bf16
-            teacher.to(device, torch.bfloat16 if bf16 else torch.float32)
+            # as dlip.train.loop.setup: the teacher takes the run's autocast dtype
+            teacher.to(device, autocast_dtype(device, cfg.run.precision) or torch.float32)
             for with_teacher in (True, False):
                 c = cfg if with_teacher else recipe(student, None, args.batch_size)
                 label = f"{TEACHER} -> {student}" if with_teacher else f"{student} (no teacher)"

@@ -201,7 +201,7 @@ def test_cli_writes_complete_results(setup, tmp_path, capsys):
     assert record["dataset"]["name"] == "test"
     assert record["settings"] == {
         "prompt": "a picture of ", "num_beams": 3, "max_length": 20, "min_length": 5,
-        "repetition_penalty": 1.0, "image_size": 32, "batch_size": 2,
+        "repetition_penalty": 1.0, "image_size": 32, "batch_size": 2, "precision": "auto",
     }  # fmt: skip
     assert list(record["metrics"]) == [*METRICS, "SPICE"]
     assert all(isinstance(record["metrics"][k], float) for k in METRICS)

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
         "dlip.transforms",
         "dlip.distributed",
         "dlip.fileio",
+        "dlip.precision",
         "dlip",
     ),
 ]

@@ -21,6 +21,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--dataset", default=None, help="dataset name for results.json / ids")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="autocast of the forwards (auto: bf16 on CUDA, fp32 on CPU)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _shared(args: argparse.Namespace) -> dict:
     return {
         "batch_size": args.batch_size, "image_size": args.image_size, "device": args.device,
-        "num_workers": args.num_workers, "dataset": args.dataset,
+        "num_workers": args.num_workers, "dataset": args.dataset, "precision": args.precision,
     }  # fmt: skip
 
 

@@ -254,8 +254,9 @@ def _local_captions(
     shard = Subset(dataset, list(shard_range(len(dataset))))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     pairs: list[tuple[str, str]] = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with torch.inference_mode(), autocast:
+    from dlip.precision import autocast
+
+    with torch.inference_mode(), autocast(device):  # the current precision (precision.using)
         for batch in loader:
             pixels = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
             pairs.extend(zip(batch["image_id"], model.generate(pixels, **gen), strict=True))
@@ -398,6 +399,7 @@ def run_caption_eval(
     num_workers: int = 2,
     dataset: str | None = None,
     spice: bool = False,
+    precision: str = "auto",
 ) -> Path | None:
     """`dlip eval caption`: generate, score, write out/results.json, results.md and
     captions.json; returns the json path on rank 0 (None on other ranks)."""
@@ -413,6 +415,7 @@ def run_caption_eval(
         write_results,
     )
     from dlip.fileio import atomic_write_text
+    from dlip.precision import using
 
     start = time.perf_counter()
     require_java()  # fail before the (long) generation, not after it
@@ -431,10 +434,12 @@ def run_caption_eval(
         "min_length": min_length, "repetition_penalty": repetition_penalty,
     }  # fmt: skip
     settings = {**gen, "image_size": blip.config.vision.image_size, "batch_size": batch_size}
-    result = evaluate_captions(
-        blip, eval_set, **gen, batch_size=batch_size, device=dev, num_workers=num_workers,
-        spice=spice,
-    )  # fmt: skip
+    settings["precision"] = precision
+    with using(precision):
+        result = evaluate_captions(
+            blip, eval_set, **gen, batch_size=batch_size, device=dev, num_workers=num_workers,
+            spice=spice,
+        )  # fmt: skip
     if not is_main_process():
         return None
     metrics = {**result["metrics"], "SPICE": result["spice"]["value"]}

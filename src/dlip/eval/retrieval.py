@@ -25,7 +25,8 @@ all-reduce (each entry is written by one rank, the others add 0.0, so the sum is
 Texts are sharded for encoding and all-gathered too. Host memory beyond the tokens is the two
 dense score matrices (n_images x n_texts fp32 each, 0.5 GB for COCO 5K), as in BLIP.
 
-On CUDA the forwards run under bf16 autocast; on CPU everything is fp32.
+The forwards run at the current precision (`dlip.precision.using`; by default bf16 autocast on
+CUDA, fp32 on CPU); similarities and scores are kept in fp32.
 """
 
 from __future__ import annotations
@@ -110,8 +111,12 @@ def recall_at_k(
 
 
 # ------------------------------------------------------------------------------- features
-def _autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device):
+    """The forwards' autocast at the current precision (`dlip.precision.using`; default
+    "auto": bf16 on CUDA, fp32 on CPU)."""
+    from dlip.precision import autocast
+
+    return autocast(device)
 
 
 def _all_gather(t: Tensor) -> Tensor:
@@ -415,6 +420,7 @@ def run_retrieval_eval(
     device: str = "auto",
     num_workers: int = 2,
     dataset: str | None = None,
+    precision: str = "auto",
 ) -> Path | None:
     """`dlip eval retrieval`: `model` (a saved directory or a preset) on the Karpathy-format
     split `data` (images under `images`) -> out/results.json + results.md; returns the json
@@ -429,6 +435,7 @@ def run_retrieval_eval(
         results_record,
         write_results,
     )
+    from dlip.precision import using
 
     _check_settings(
         k=k, itm_batch=itm_batch, batch_size=batch_size, max_words=max_words,
@@ -440,17 +447,18 @@ def run_retrieval_eval(
     eval_set = load_eval_set(data, images, dataset=dataset if dataset in DATASETS else None)
     dev = setup_device(device)
     blip = open_model(model, dev, image_size)
-    result = evaluate_retrieval(
-        blip, eval_set, k=k, batch_size=batch_size, itm_batch=itm_batch, device=dev,
-        max_words=max_words, num_workers=num_workers,
-    )  # fmt: skip
+    with using(precision):
+        result = evaluate_retrieval(
+            blip, eval_set, k=k, batch_size=batch_size, itm_batch=itm_batch, device=dev,
+            max_words=max_words, num_workers=num_workers,
+        )  # fmt: skip
     path = None
     if is_main_process():
         settings = {
             "k": k, "k_i2t": result["k_i2t"], "k_t2i": result["k_t2i"], "itm_batch": itm_batch,
             "image_size": blip.config.vision.image_size, "batch_size": batch_size,
             "max_words": max_words, "text_length": TEXT_LENGTH,
-            "precision": "bf16 autocast" if dev.type == "cuda" else "fp32",
+            "precision": precision,
         }  # fmt: skip
         record = results_record(
             "retrieval",

@@ -59,6 +59,7 @@ from dlip.losses.adapters import (
     resample_patches,
 )
 from dlip.models.outputs import ImageOutput, TextOutput
+from dlip.precision import float32_math
 
 __all__ = [
     "KD_TERMS",
@@ -214,7 +215,7 @@ def rep_kd(
 ) -> Tensor:
     """(..., Ds) student, (..., Dt) teacher -> mean over vectors of 1 - cos(P s, t) ("cos") or
     of mean_d (P s - t)^2 ("mse"); `mask` (same leading shape, 1 = counts) weights vectors."""
-    s = projector(student).float()
+    s = projector(student.float())  # float32 math: the projector's weights are float32
     t = teacher.detach().float()
     _same_shape("representation KD (after the projector)", s, t)
     if kind == "cos":
@@ -326,6 +327,7 @@ def attention_kd_layers(
 
 
 # ----------------------------------------------------------------------------- orchestration
+@float32_math()
 def distill_losses(
     student: KDInputs,
     teacher: KDInputs,

@@ -25,6 +25,7 @@ from dlip.distributed import (
     gather_sizes,
     rank_offset,
 )
+from dlip.precision import float32_math
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5  # BLIP's clamp of the learnable temperature
 
@@ -171,6 +172,7 @@ def positive_targets(
     return pos / pos.sum(dim=1, keepdim=True)  # own column always matches, so sum >= 1
 
 
+@float32_math()
 def itc_loss(
     image_feat: Tensor,  # (B, D) L2-normalised online image features of this rank
     text_feat: Tensor,  # (B, D) L2-normalised online text features

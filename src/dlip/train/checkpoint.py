@@ -3,9 +3,9 @@
 `model.safetensors` holds the trainable module's weights (tied tensors once, under their
 canonical names, as `dlip.models.io` stores models); load them back with
 `dlip.models.io.load_strict`. `trainer.pt` holds everything else needed to resume exactly:
-optimizer, step, epoch, data position, the best validation record, RNG states (`capture_rng`);
-there is no scheduler state (the lr is a function of the step) and no grad scaler (training
-runs in fp32 or bf16 autocast, which needs none). It is read with
+optimizer, the fp16 loss scaler's state (empty at other precisions), step, epoch, data
+position, the best validation record, every rank's RNG states (`capture_rng_all_ranks`); there
+is no scheduler state (the lr is a function of the step). It is read with
 `torch.load(weights_only=True)`, so it may contain only tensors and plain containers (dict,
 list, tuple, str, int, float, bool, None); `save_checkpoint` checks that before writing.
 

@@ -129,7 +129,8 @@ def load_split(cfg: FinetuneConfig, split: str) -> EvalSet | None:
 
 
 def validate_fn(cfg: FinetuneConfig):
-    """`validate(task, epoch)` for the loop: val metrics + `score` on rank 0 (every rank runs)."""
+    """`validate(task, epoch)` for the loop: val metrics + `score` on rank 0 (every rank runs),
+    at the run's precision."""
     eval_set: dict[str, EvalSet | None] = {}
 
     def validate(task: PretrainTask, epoch: int) -> dict[str, float] | None:
@@ -137,7 +138,10 @@ def validate_fn(cfg: FinetuneConfig):
             eval_set["val"] = load_split(cfg, "val")
         split = eval_set["val"]
         assert split is not None  # validate() requires data.val
-        return evaluate(cfg, task.student, split)
+        from dlip.precision import using
+
+        with using(cfg.run.precision):
+            return evaluate(cfg, task.student, split)
 
     return validate
 
@@ -177,6 +181,7 @@ def test_best(cfg: FinetuneConfig, run_dir: Path) -> Path | None:
         raise FileNotFoundError(f"{best}: no best checkpoint was saved (no validation ran)")
     e, out = cfg.eval, run_dir / "test"
     shared = {"batch_size": e.batch_size, "num_workers": 0, "device": cfg.run.device}
+    shared["precision"] = cfg.run.precision
     if cfg.task == "retrieval":
         from dlip.eval.retrieval import run_retrieval_eval
 

@@ -44,6 +44,7 @@ from dlip.distributed import (
 from dlip.fileio import write_json
 from dlip.losses.itc import alpha_at
 from dlip.models.blip import BLIP
+from dlip.precision import autocast, autocast_dtype, gradient_scaler
 from dlip.train.checkpoint import (
     capture_rng_all_ranks,
     find_latest,
@@ -105,10 +106,11 @@ def train_step(
     step: int,  # optimizer steps done before this one (0-based)
     steps_per_epoch: int,
     total_steps: int,
+    scaler: torch.amp.GradScaler | None = None,  # the run's (fp16); None: a fresh one
 ) -> dict[str, float]:
-    """One optimizer step over `micro_batches` (gradient accumulation); returns the terms,
-    `loss` and `lr`, averaged over micro-batches and ranks. Raises NonFiniteLoss before
-    stepping when a term is NaN/inf."""
+    """One optimizer step over `micro_batches` (gradient accumulation) under the run's
+    precision; returns the terms, `loss` and `lr`, averaged over micro-batches and ranks.
+    Raises NonFiniteLoss before stepping when a term is NaN/inf."""
     o = cfg.optim
     lr = lr_at(
         step, schedule=o.schedule, base_lr=o.lr, min_lr=o.min_lr, warmup_lr=o.warmup_lr,
@@ -119,18 +121,17 @@ def train_step(
     alpha = alpha_at(step, steps_per_epoch, cfg.loss.alpha) if task.student_m is not None else 0.0
     weights = loss_weights(cfg)
     device = next(task.parameters()).device
-    use_bf16 = device.type == "cuda" and cfg.run.bf16
+    scaler = scaler or gradient_scaler(device, cfg.run.precision)
     sums: dict[str, Tensor] = {}
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
         last = i == n - 1
         sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
-        autocast = torch.autocast("cuda", torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         with sync:
-            with autocast:
+            with autocast(device, cfg.run.precision):
                 terms = model(batch, alpha=alpha)
                 loss = total_loss(terms, weights)
-            (loss / n).backward()
+            scaler.scale(loss / n).backward()  # fp16: scaled so small gradients survive
         for name, value in {"loss": loss, **terms}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() / n
     metrics = reduce_terms(sums)
@@ -139,9 +140,11 @@ def train_step(
         values = ", ".join(f"{k}={metrics[k]}" for k in bad)
         raise NonFiniteLoss(f"non-finite loss at step {step + 1}: {values}; run stopped")
     params = [p for p in task.parameters() if p.requires_grad]
+    scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
     if o.grad_clip is not None:
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
-    optimizer.step()
+    scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, then the scale shrinks
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     task.after_step()  # temperature clamp, momentum encoder update
     metrics["lr"] = lr
@@ -232,6 +235,7 @@ class Run:
     consumed: int = 0  # loader batches of `epoch` already trained on
     best: dict[str, Any] = field(default_factory=lambda: {"score": None, "validated_step": -1})
     run_id: str = ""  # names the run's checkpoints (rotation touches only these)
+    scaler: torch.amp.GradScaler | None = None  # loss scaling under fp16 (disabled otherwise)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -297,9 +301,8 @@ def setup(cfg: Any, job: Job) -> Run:
         n = task.student.compile_blocks()
         if is_main_process():
             print(f"run.compile: torch.compile on {n} student blocks (first steps compile)")
-    if teacher is not None:
-        bf16 = device.type == "cuda" and cfg.teacher.bf16
-        teacher.to(device, torch.bfloat16 if bf16 else torch.float32)
+    if teacher is not None:  # frozen: its weights may take the forwards' low-precision dtype
+        teacher.to(device, autocast_dtype(device, cfg.run.precision) or torch.float32)
     loader = job.build_loader(cfg, task.student.config)
     steps_per_epoch = len(loader) // cfg.optim.accum_steps
     if steps_per_epoch < 1:
@@ -314,6 +317,7 @@ def setup(cfg: Any, job: Job) -> Run:
         steps_per_epoch, total_steps=cfg.run.max_steps or cfg.run.epochs * steps_per_epoch,
         # rank 0 reads the teacher's weights once for its digest (not every rank on a requeue)
         teacher_id=broadcast_object(teacher_identity(cfg, teacher) if is_main_process() else None),
+        scaler=gradient_scaler(device, cfg.run.precision),
     )  # fmt: skip
 
 
@@ -328,6 +332,8 @@ def resume_from_latest(r: Run) -> dict[str, Any]:
     r.run_id = read_run_id(latest) or new_run_id()
     load_strict(r.task, model_state, str(latest))
     r.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") and r.scaler is not None:
+        r.scaler.load_state_dict(state["scaler"])
     r.step, r.epoch, r.consumed = state["step"], state["epoch"], state["consumed"]
     r.best = state.get("best", r.best)
     return state["rng"]
@@ -354,7 +360,7 @@ def train_epochs(r: Run, logger: MetricsLogger) -> None:
                     continue
                 metrics = train_step(
                     r.model, r.task, r.optimizer, group, cfg, r.step, r.steps_per_epoch,
-                    r.total_steps,
+                    r.total_steps, r.scaler,
                 )  # fmt: skip
                 group, r.step = [], r.step + 1
                 speed.tick(global_batch)
@@ -406,6 +412,7 @@ def _save(r: Run) -> Path:
         "best": r.best,
         "model": r.task,
         "optimizer": r.optimizer.state_dict(),
+        "scaler": r.scaler.state_dict() if r.scaler is not None else {},  # fp16's loss scale
         "epoch": r.epoch,
         "consumed": r.consumed,  # loader batches of `epoch` already trained on
         "rng": capture_rng_all_ranks(),  # every rank's, indexed by rank

@@ -79,7 +79,6 @@ class TeacherSection:
     """The frozen teacher; none = train from scratch with the BLIP objectives alone."""
 
     checkpoint: str | None = None  # a `dlip.load`-able model dir (e.g. `dlip convert` output)
-    bf16: bool = True  # run the teacher in bf16 on GPU (fp32 on CPU)
 
     def __post_init__(self) -> None:
         check_types(self, "teacher")
@@ -187,7 +186,9 @@ class RunSection:
     ckpt_every: int = 1000  # optimizer steps between checkpoints/step_N
     keep_last: int = 3  # step checkpoints kept (final/ is always written)
     seed: int = 42  # BLIP's; each rank offsets it by its rank
-    bf16: bool = True  # autocast on GPU (CPU runs stay fp32)
+    # "auto": bf16 autocast on GPU, fp32 on CPU; "bf16" / "fp16" autocast anywhere (fp16 with a
+    # gradient scaler: GPUs without bf16); "fp32". The teacher's weights take the same dtype.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the student (opt-in)
     overwrite: bool = False  # a fresh run may replace another run's files in run_dir
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
