@@ -146,7 +146,9 @@ class TarSamples:
     not a sample: how many samples it lost is unknown); the samples read before the error are
     kept and the pipeline goes on with the next shard. Only a long run of unreadable shards
     in a row stops it: that is a wrong path or a dead store, not bad samples, and a resampled
-    list would otherwise retry it forever.
+    list would otherwise retry it forever. For http(s):// and pipe: shards (a curl or shell
+    command) a failed download often shows only as the command's exit status, when the stream
+    is closed: a shard read to its end is closed inside the check, so that counts too.
     """
 
     max_bad_in_a_row = 100
@@ -166,6 +168,8 @@ class TarSamples:
                 for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                     read += 1
                     yield sample
+                done, stream = stream, None
+                done.close()  # a pipe's exit status: a failed download raises here
                 bad_in_a_row = 0
             except Exception as err:  # any read error ends this shard only
                 self.tally.add("bad_shard")
@@ -177,8 +181,17 @@ class TarSamples:
                         f"{url}: check the shard paths"
                     ) from err
             finally:
-                if stream is not None:
-                    stream.close()
+                if stream is not None:  # a read error (counted above) or the consumer stopped
+                    _close_quietly(stream)
+
+
+def _close_quietly(stream: Any) -> None:
+    """Close a shard read only in part. A command whose output is closed early may exit
+    with an error (a pipe: command killed by SIGPIPE, curl's write error): nothing is lost."""
+    try:
+        stream.close()
+    except Exception as err:
+        log.debug("closing a shard read in part: %r", err)
 
 
 class Shuffle:
@@ -197,30 +210,39 @@ class Shuffle:
         return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
 
 
+def _meta(sample: dict[str, Any], where: str) -> dict[str, Any]:
+    """The sample's json member as a dict ({} when absent); unreadable is BadSample."""
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise BadSample("bad_text", f"{where}.json: {err}") from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_text", f"{where}.json is not an object")
+    return meta
+
+
 def decode_sample(
     sample: dict[str, Any], transform: Callable[[Image.Image], Any], max_words: int
 ) -> dict[str, Any]:
-    """A tar sample {"__key__", "jpg", "txt", "json"?} -> {"image", "caption", ...}.
+    """A tar sample {"__key__", "jpg", "txt"?, "json"?} -> {"image", "caption", ...}.
 
-    Raises BadSample for a member that is missing or cannot be decoded.
+    Ours (`dlip data shard`) and img2dataset's both hold KEY.jpg, KEY.txt and KEY.json; the
+    caption is the txt member, else the json's "caption" (img2dataset writes no txt when its
+    caption column is empty). Raises BadSample for a member that is missing or undecodable.
     """
     where = f"{sample.get('__url__')}:{sample['__key__']}"
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise BadSample("missing_file", f"{where} has no image member")
-    if "txt" not in sample:
-        raise BadSample("empty_caption", f"{where} has no txt member")
-    caption = pre_caption(check_caption(sample["txt"]), max_words)
+    meta = _meta(sample, where)
+    text = sample["txt"] if "txt" in sample else meta.get("caption")
+    if text is None:
+        raise BadSample("empty_caption", f"{where} has no txt member nor a json caption")
+    caption = pre_caption(check_caption(text), max_words)
     if not caption:  # only punctuation BLIP strips
         raise BadSample("empty_caption", where)
-    meta: Any = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
-            raise BadSample("bad_text", f"{where}.json: {err}") from None
-        if not isinstance(meta, dict):
-            raise BadSample("bad_text", f"{where}.json is not an object")
     return {
         "image": transform(decode_image(sample[ext])),
         "caption": caption,

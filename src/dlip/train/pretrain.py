@@ -48,7 +48,10 @@ def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask
 
 
 def build_loader(cfg: PretrainConfig, image_config: ModelConfig) -> DataLoader:
-    """The training loader; builds `data.synth_dir` first (rank 0) when it is absent."""
+    """The training loader; builds `data.synth_dir` first (rank 0) when it is absent.
+
+    `data.manifests` are either jsonl manifests (map-style) or webdataset sources (shard dirs,
+    img2dataset folders, .tar patterns, URLs, pipe: commands; dlip.train.wds_loader)."""
     from torch.utils.data import ConcatDataset
 
     from dlip.data.datasets import ManifestDataset
@@ -57,19 +60,23 @@ def build_loader(cfg: PretrainConfig, image_config: ModelConfig) -> DataLoader:
     from dlip.transforms import train_transform
 
     d = cfg.data
-    manifests = [Path(m) for m in d.manifests]
+    entries = list(d.manifests)  # strings: Path() would fold the // of a URL
     if d.synth_dir is not None:
         from dlip.data.synthetic import synthesize_once
 
         size = image_config.vision.image_size
         synth = synthesize_once(d.synth_dir, d.synth_images, cfg.run.seed, size)
-        manifests.insert(0, synth / "manifest.jsonl")
+        entries.insert(0, str(synth / "manifest.jsonl"))
     transform = train_transform(image_config, d.min_scale, d.rand_augment, d.hflip)
-    shard_dirs = check_sources(manifests)  # dirs and jsonl files mixed: ValueError
-    if shard_dirs:
-        return build_wds_loader(cfg, transform, shard_dirs)
+    if check_sources(entries):  # jsonl manifests and webdataset sources mixed: ValueError
+        return build_wds_loader(cfg, transform, entries)
     if d.weights:
-        raise ValueError("data.weights (weighted sampling) needs shard dirs (`dlip data shard`)")
+        raise ValueError(
+            "data.weights (weighted sampling) needs shard dirs or other webdataset sources"
+        )
+    if any(n is not None for n in d.num_samples):
+        raise ValueError("data.num_samples is for webdataset sources: manifest rows are counted")
+    manifests = [Path(m) for m in entries]
     for m in manifests:
         if not m.is_file():
             raise FileNotFoundError(f"data manifest {m} not found")

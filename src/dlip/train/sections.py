@@ -88,8 +88,13 @@ class TeacherSection:
 class DataSection:
     """Image-caption pairs and their train transform (BLIP pretraining: configs/pretrain.yaml)."""
 
-    manifests: tuple[str, ...] = ()  # jsonl manifests or webdataset shard dirs
+    # jsonl manifests, or webdataset sources: `dlip data shard` dirs, img2dataset webdataset
+    # folders, .tar paths / brace patterns, http(s):// and pipe: URLs (dlip.train.wds_loader)
+    manifests: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()  # sampling weight per manifest; () = by size (concatenation)
+    # Samples per manifest, null where counted (index.json, img2dataset's *_stats.json): a
+    # webdataset source that cannot be counted (URLs, pipe:, bare tars) needs its entry.
+    num_samples: tuple[int | None, ...] = ()
     # Build `dlip data synth` output here if absent and train on its manifest.jsonl;
     # images are rendered at the student's image size.
     synth_dir: str | None = None
@@ -111,6 +116,14 @@ class DataSection:
             )
         for w in self.weights:
             require(w > 0 and math.isfinite(w), "data.weights", self.weights, "all > 0")
+        if self.num_samples and len(self.num_samples) != len(self.manifests):
+            raise ConfigError(
+                f"data.num_samples has {len(self.num_samples)} entries for "
+                f"{len(self.manifests)} data.manifests; give one per manifest (null where "
+                "it is counted) or none"
+            )
+        for n in self.num_samples:
+            require(n is None or n >= 1, "data.num_samples", self.num_samples, "all >= 1 or null")
 
 
 @dataclass(frozen=True)
