@@ -375,3 +375,18 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     step = state["step"]
     assert latest.name == f"step_{step}" and state["note"] == step
     assert model["w"][:4].equal(state["head"] + step)  # the weights of that very step
+
+
+def test_resume_ignores_keys_added_or_removed_since_the_run_started(synth, tmp_path):
+    """A run saved by an older dlip resumes: a key it lacks counts as its default, a key the
+    code no longer has is ignored (refusing them would strand every run at an upgrade)."""
+    import yaml
+
+    run_dir = tmp_path / "older"
+    run_ok([*PRETRAIN, *overrides(synth, run_dir, 2)])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["data"]["num_samples"]  # added since
+    saved["run"]["bf16"] = True  # removed since
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    run_ok([*PRETRAIN, *overrides(synth, run_dir, 3), "--resume", "latest"])
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]

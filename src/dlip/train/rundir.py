@@ -116,13 +116,22 @@ def check_config(run_dir: Path, cfg: Any) -> None:
         return
     old = _flatten(yaml.safe_load(path.read_text()) or {})
     new = _flatten(to_plain(cfg))
+    default = _flatten(to_plain(type(cfg)()))
     allowed = set(RESUME_MUTABLE)
     if cfg.optim.schedule == "step":  # lr by epoch: the run's length does not enter it
         allowed |= RUN_LENGTH
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+    # A key added since the run started counts as its default; a field the code no longer has
+    # does not act. Entries of mapping fields (loss.kd.weights.*) are compared one by one.
+    def known(key: str) -> bool:
+        return key in default or any(key.startswith(f"{d}.") for d in default)
+
+    keys = [k for k in old.keys() | new.keys() if known(k)]
+    changed = sorted(k for k in keys if old.get(k, default.get(k)) != new.get(k, default.get(k)))
     bad = [k for k in changed if k not in allowed]
     if bad:
-        details = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in bad)
+        was, now = (lambda k: old.get(k, default.get(k))), (lambda k: new.get(k, default.get(k)))
+        details = "; ".join(f"{k}: was {was(k)!r}, now {now(k)!r}" for k in bad)
         raise RunDirError(
             f"--resume: {details}. A resumed run must keep these (they change what the "
             f"remaining steps compute); restore them, or start a new run_dir"
