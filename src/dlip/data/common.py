@@ -8,6 +8,7 @@ rows that were never downloaded). A bad sample is never fatal: the code that mee
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -27,7 +28,8 @@ MANIFEST_KEYS = ("image", "caption", "source", "image_id")
 
 # Why a sample was skipped. Builders and loaders use these names so logs read the same.
 REASONS = (
-    "missing_file",  # the image path does not exist
+    "missing_file",  # the image path does not exist (or runs through a non-directory)
+    "unreadable_file",  # it exists but cannot be read: permission, I/O error, symlink loop...
     "not_an_image",  # bytes PIL cannot identify
     "truncated",  # an image that fails to decode completely
     "empty_image",  # zero-size file or a 0-pixel image
@@ -91,10 +93,13 @@ def decode_image(source: str | Path | bytes) -> Image.Image:
         path = Path(source)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise BadSample("missing_file", str(path)) from None
         except IsADirectoryError:
             raise BadSample("missing_file", f"{path} is a directory") from None
+        except OSError as err:  # EACCES, EIO, ELOOP, ENAMETOOLONG...: one sample, not the run
+            name = errno.errorcode.get(err.errno or 0, type(err).__name__)
+            raise BadSample("unreadable_file", f"{path}: {name} {err.strerror or err}") from None
     else:
         data = source
     if not data:
@@ -110,6 +115,8 @@ def decode_image(source: str | Path | bytes) -> Image.Image:
         raise
     except Image.UnidentifiedImageError as err:
         raise BadSample("not_an_image", str(err)) from None
+    except Image.DecompressionBombError as err:  # PIL refuses it in open(), before our check
+        raise BadSample("too_large", str(err)) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise BadSample("truncated", str(err)) from None
 

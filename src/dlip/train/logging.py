@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dlip.data.common import REASONS
 from dlip.distributed import get_world_size, is_dist, is_main_process
 from dlip.fileio import atomic_write_text
 
@@ -181,12 +182,33 @@ def progress_bar(total: int, initial: int = 0, enabled: bool | None = None, desc
     )  # fmt: skip
 
 
-def progress_postfix(loss: float, throughput: Throughput, remaining_steps: int) -> dict[str, str]:
-    return {
+def progress_postfix(
+    loss: float, throughput: Throughput, remaining_steps: int, skipped: int = 0
+) -> dict[str, str]:
+    out = {
         "loss": f"{loss:.4f}",
         "samples/s": f"{throughput.samples_per_s:.1f}",
         "eta": format_eta(throughput.eta_s(remaining_steps)),
     }
+    if skipped:
+        out["skipped"] = str(skipped)
+    return out
+
+
+SKIP_KEYS = (*REASONS, "unknown")  # what a batch's `skipped` counter may hold
+
+
+def skip_totals(local: Mapping[str, int], device: torch.device) -> dict[str, int]:
+    """Skipped samples by reason over every rank (call on every rank at the same step)."""
+    counts = torch.tensor([int(local.get(k, 0)) for k in SKIP_KEYS], device=device)
+    if is_dist():
+        torch.distributed.all_reduce(counts)
+    return {k: int(n) for k, n in zip(SKIP_KEYS, counts.tolist(), strict=True) if n}
+
+
+def skip_metrics(totals: Mapping[str, int]) -> dict[str, int]:
+    """metrics.jsonl fields: `skipped` (all reasons) and `skipped_<reason>` since step 1."""
+    return {"skipped": sum(totals.values()), **{f"skipped_{k}": v for k, v in totals.items()}}
 
 
 def reduce_terms(terms: Mapping[str, Tensor | float]) -> dict[str, float]:

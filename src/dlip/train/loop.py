@@ -32,7 +32,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from dlip.data.common import SkipCounts
+from dlip.data.loader import batch_size_of
 from dlip.distributed import (
+    all_reduce_max,
     barrier,
     broadcast_object,
     get_rank,
@@ -62,6 +65,8 @@ from dlip.train.logging import (
     progress_bar,
     progress_postfix,
     reduce_terms,
+    skip_metrics,
+    skip_totals,
 )
 from dlip.train.optim import build_optimizer, lr_at, set_lr
 from dlip.train.rundir import (
@@ -236,6 +241,8 @@ class Run:
     best: dict[str, Any] = field(default_factory=lambda: {"score": None, "validated_step": -1})
     run_id: str = ""  # names the run's checkpoints (rotation touches only these)
     scaler: torch.amp.GradScaler | None = None  # loss scaling under fp16 (disabled otherwise)
+    skips: SkipCounts = field(default_factory=SkipCounts)  # this rank's skipped samples
+    shown_skips: int = 0  # all ranks' skipped samples at the last log (the progress line)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -335,6 +342,8 @@ def resume_from_latest(r: Run) -> dict[str, Any]:
     if state.get("scaler") and r.scaler is not None:
         r.scaler.load_state_dict(state["scaler"])
     r.step, r.epoch, r.consumed = state["step"], state["epoch"], state["consumed"]
+    if is_main_process():  # the run's totals continue on rank 0 (summed over ranks at logs)
+        r.skips = SkipCounts(state.get("skipped", {}))
     r.best = state.get("best", r.best)
     return state["rng"]
 
@@ -354,7 +363,9 @@ def train_epochs(r: Run, logger: MetricsLogger) -> None:
             group: list[dict[str, Tensor]] = []
             for batch in epoch_batches(r.loader, r.epoch, r.consumed):
                 r.consumed += 1
-                batch.pop("skipped", None)
+                r.skips.update(batch.pop("skipped", {}))
+                if _too_small(r, batch_size_of(batch)):
+                    continue  # consumed, not trained on: the same on a resumed replay
                 group.append(to_inputs(batch, tokenizer, cfg.data.max_length, r.device))
                 if len(group) < cfg.optim.accum_steps:
                     continue
@@ -366,9 +377,12 @@ def train_epochs(r: Run, logger: MetricsLogger) -> None:
                 speed.tick(global_batch)
                 metrics.update(samples_per_s=speed.samples_per_s, epoch=r.epoch)
                 if r.step % cfg.run.log_every == 0 or r.step == r.total_steps:
-                    logger.log(r.step, metrics)
+                    skipped = skip_totals(r.skips, r.device)  # every rank, same steps
+                    logger.log(r.step, metrics | skip_metrics(skipped))
+                    r.shown_skips = sum(skipped.values())
                 bar.update(1)
-                bar.set_postfix(progress_postfix(metrics["loss"], speed, r.total_steps - r.step))
+                remaining = r.total_steps - r.step
+                bar.set_postfix(progress_postfix(metrics["loss"], speed, remaining, r.shown_skips))
                 if r.step % cfg.run.ckpt_every == 0 or r.step == r.total_steps:
                     _save(r)
                 if r.step >= r.total_steps:
@@ -382,6 +396,15 @@ def train_epochs(r: Run, logger: MetricsLogger) -> None:
             _validate(r, done, logger)  # the run's last state
     finally:
         bar.close()
+
+
+def _too_small(r: Run, n: int) -> bool:
+    """Whether a batch that skipped samples left too few to train on: none, or one when ITM
+    needs a negative. Skipped on every rank alike (DDP needs the same steps everywhere), so a
+    run never ends on bad samples; data order stays a function of (seed, epoch), so an exact
+    resume replays the same skips."""
+    need = 2 if r.task.use_itm else 1
+    return all_reduce_max(int(n < need), r.device) > 0
 
 
 def _validate(r: Run, epoch: int, logger: MetricsLogger) -> None:
@@ -416,6 +439,7 @@ def _save(r: Run) -> Path:
         "epoch": r.epoch,
         "consumed": r.consumed,  # loader batches of `epoch` already trained on
         "rng": capture_rng_all_ranks(),  # every rank's, indexed by rank
+        "skipped": skip_totals(r.skips, r.device),  # all ranks' counts so far
         "teacher": str(r.teacher_id["checkpoint"]),
     }
     return save_checkpoint(r.run_dir, r.step, state, r.cfg.run.keep_last, r.run_id)
