@@ -108,3 +108,22 @@ def test_finetuning_survives_bad_training_images(tmp_path):
     # Each pass over the 8 rows counts the 2 bad ones; the skipped steps make the run's 4 steps
     # reach into a second epoch, which counts them again.
     assert steps and steps[-1]["skipped_not_an_image"] in (2, 4)
+
+
+@pytest.mark.parametrize("damage", ["delete", "garble"])
+def test_a_bad_evaluation_image_is_refused_before_step_1(tmp_path, damage):
+    """data.val / data.test are read with their images before training starts (they were read
+    at the first validation, after an epoch)."""
+    synth = tmp_path / "synth"
+    synthesize(synth, 12, seed=0, image_size=32, captions_per_image=1, n_val=2, n_test=2)
+    image = synth / json.loads((synth / "val.json").read_text())[0]["image"]
+    if damage == "delete":
+        image.unlink()
+    else:
+        image.write_bytes(b"\x00not an image")
+    run_dir = tmp_path / "ft"
+    args = [f"run_dir={run_dir}", "model.preset=test_tiny", f"data.synth_dir={synth}"]
+    args += ["data.batch_size=2", "data.num_workers=0", "run.epochs=1", "run.device=cpu"]
+    with pytest.raises((ValueError, FileNotFoundError), match=image.name):
+        finetune_main(["retrieval", *args])
+    assert not (run_dir / "metrics.jsonl").exists()

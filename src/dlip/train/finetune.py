@@ -128,6 +128,24 @@ def load_split(cfg: FinetuneConfig, split: str) -> EvalSet | None:
     return None if path is None else load_eval_set(path, root)
 
 
+def check_eval_splits(cfg: FinetuneConfig, test: bool = True) -> None:
+    """Read data.val (and data.test when the run will test) and open every image's header,
+    before step 1: a missing, unreadable or non-image evaluation file would otherwise end the
+    run at its first validation, after an epoch of training. (A file truncated past its header
+    is found only when it is decoded, at validation: decoding every image here would cost a
+    COCO run minutes at each start.)"""
+    from PIL import Image
+
+    for split in ("val", "test") if test else ("val",):
+        eval_set = load_split(cfg, split)  # a missing image file: FileNotFoundError
+        for path in [] if eval_set is None else eval_set.images:
+            try:
+                with Image.open(path):
+                    pass
+            except (OSError, Image.DecompressionBombError) as err:
+                raise ValueError(f"data.{split}: image {path} cannot be read: {err}") from None
+
+
 def validate_fn(cfg: FinetuneConfig):
     """`validate(task, epoch)` for the loop: val metrics + `score` on rank 0 (every rank runs),
     at the run's precision."""
@@ -221,7 +239,12 @@ def _yaml_sets_task(path: str) -> bool:
 def finetune(cfg: FinetuneConfig, resume: str | None = None, test: bool = True) -> Path:
     """Finetune as `cfg` says, then (with `test` and data.test) evaluate the best model on the
     test split; returns run_dir/final."""
-    job = Job(build_task=build_task, build_loader=build_loader, validate=validate_fn(cfg))
+    def loader_then_check(cfg: FinetuneConfig, model_config: Any) -> DataLoader:
+        out = build_loader(cfg, model_config)  # builds data.synth_dir first when it is absent
+        check_eval_splits(cfg, test)
+        return out
+
+    job = Job(build_task=build_task, build_loader=loader_then_check, validate=validate_fn(cfg))
     final = run(cfg, job, resume=resume)
     if test:
         test_best(cfg, Path(cfg.run.run_dir))
