@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -127,3 +128,36 @@ def test_a_bad_evaluation_image_is_refused_before_step_1(tmp_path, damage):
     with pytest.raises((ValueError, FileNotFoundError), match=image.name):
         finetune_main(["retrieval", *args])
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def _exif_rotated_jpeg(path: Path) -> Image.Image:
+    """A 40x20 photo stored sideways with EXIF orientation 6 (display rotated 90 degrees)."""
+    upright = Image.new("RGB", (20, 40), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 20, 10))  # red band at the top when upright
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 40x20, as the camera wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return upright
+
+
+def test_images_are_read_upright_and_16_bit_pngs_keep_their_range(tmp_path):
+    """Every reader (training data, Predictor, the demo's loader) decodes the same way: EXIF
+    orientation applied, 16-bit images scaled to 8 bits instead of clipped to white."""
+    from dlip.inference.predictor import to_pil
+    from dlip.transforms import load_image
+
+    jpeg = tmp_path / "sideways.jpg"
+    _exif_rotated_jpeg(jpeg)
+    png16 = tmp_path / "deep.png"
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    Image.fromarray(ramp).save(png16)
+    for read in (decode_image, to_pil, load_image):
+        up = read(jpeg)
+        assert up.size == (20, 40), read  # portrait, as displayed
+        top, bottom = np.asarray(up)[2, 10], np.asarray(up)[-3, 10]
+        assert top[0] > 200 and top[2] < 60 and bottom[2] > 200, read  # red band on top
+        deep = np.asarray(read(png16))[:, :, 0]
+        assert deep.max() == 255 and deep.min() == 0, read
+        assert (deep == 255).mean() < 0.01, read  # was 99.6% white
+        assert abs(int(deep[32, 32]) - round(int(ramp[32, 32]) * 255 / 65535)) <= 1, read

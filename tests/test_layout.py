@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
         "dlip.distributed",
         "dlip.fileio",
         "dlip.precision",
+        "dlip.images",
         "dlip",
     ),
 ]

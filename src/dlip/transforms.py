@@ -215,10 +215,11 @@ def eval_transform(config: ModelConfig) -> v2.Compose:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; the error names the file."""
+    """An image file as upright 8-bit RGB (`dlip.images.decode_rgb`); the error names the file."""
+    from dlip.images import decode_rgb
+
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return decode_rgb(Path(path).read_bytes())
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from dlip.images import MAX_IMAGE_PIXELS, ImageError, decode_rgb
 
 MANIFEST_KEYS = ("image", "caption", "source", "image_id")
 
@@ -43,8 +44,6 @@ REASONS = (
     "malformed_row",  # a source row (e.g. a CSV line) that cannot be parsed
 )
 
-MAX_IMAGE_PIXELS = 178_956_970  # PIL's own default bomb limit, applied explicitly
-
 
 class BadSample(Exception):
     """A sample that must be skipped; `reason` is one of REASONS."""
@@ -53,7 +52,7 @@ class BadSample(Exception):
         if reason not in REASONS:
             raise ValueError(f"unknown skip reason {reason!r}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 class SkipCounts(Counter):
@@ -87,8 +86,9 @@ def check_caption(caption: Any) -> str:
     return caption
 
 
-def decode_image(source: str | Path | bytes) -> Image.Image:
-    """Open a path or encoded bytes as a fully decoded RGB image, or raise BadSample."""
+def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open a path or encoded bytes as an upright, fully decoded 8-bit RGB image
+    (`dlip.images.decode_rgb`), or raise BadSample naming the reason."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
@@ -102,23 +102,10 @@ def decode_image(source: str | Path | bytes) -> Image.Image:
             raise BadSample("unreadable_file", f"{path}: {name} {err.strerror or err}") from None
     else:
         data = source
-    if not data:
-        raise BadSample("empty_image", "0 bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height == 0:
-                raise BadSample("empty_image", f"{im.width}x{im.height}")
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise BadSample("too_large", f"{im.width}x{im.height}")
-            return im.convert("RGB")  # forces the full decode: truncation surfaces here
-    except BadSample:
-        raise
-    except Image.UnidentifiedImageError as err:
-        raise BadSample("not_an_image", str(err)) from None
-    except Image.DecompressionBombError as err:  # PIL refuses it in open(), before our check
-        raise BadSample("too_large", str(err)) from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadSample("truncated", str(err)) from None
+        return decode_rgb(data, max_pixels)
+    except ImageError as err:
+        raise BadSample(err.reason, err.detail) from None
 
 
 def read_manifest(path: str | Path) -> Iterator[dict[str, str]]:

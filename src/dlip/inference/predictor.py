@@ -14,7 +14,6 @@ device, for parallelism). Outputs are float32 CPU tensors.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import threading
 import warnings
@@ -29,6 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dlip.images import ImageError, decode_rgb
 from dlip.models.blip import BLIP
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ _warned_presets: set[str] = set()
 
 class BadImage(ValueError):
     """An image input that cannot be used; `index` is its position in the call, `reason` one of
-    dlip.data.common.REASONS (not_an_image, truncated, too_large, empty_image, missing_file)."""
+    dlip.data.common.REASONS (not_an_image, truncated, too_large, empty_image, missing_file,
+    unreadable_file)."""
 
     def __init__(self, index: int | None, reason: str, detail: str, name: str = "") -> None:
         where = f"image {index}" if index is not None else "image"
@@ -65,27 +66,12 @@ def _check_size(w: int, h: int, max_pixels: int) -> tuple[str, str] | None:
 
 
 def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Encoded bytes -> fully decoded RGB image; raises BadImage(index=None) on any problem."""
-    if not data:
-        raise BadImage(None, "empty_image", "0 bytes")
+    """Encoded bytes -> upright, fully decoded RGB (`dlip.images.decode_rgb`); raises
+    BadImage(index=None) on any problem."""
     try:
-        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its own limit
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))  # reads the header only
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImage(None, "too_large", str(err)) from None
-    except Image.UnidentifiedImageError:
-        raise BadImage(None, "not_an_image", f"{len(data)} bytes PIL cannot identify") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadImage(None, "truncated", str(err)) from None
-    with im:
-        problem = _check_size(im.width, im.height, max_pixels)
-        if problem:
-            raise BadImage(None, *problem)
-        try:
-            return im.convert("RGB")  # the full decode: truncation surfaces here
-        except (OSError, SyntaxError, ValueError) as err:
-            raise BadImage(None, "truncated", str(err)) from None
+        return decode_rgb(data, max_pixels)
+    except ImageError as err:
+        raise BadImage(None, err.reason, err.detail) from None
 
 
 def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
@@ -104,17 +90,12 @@ def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
 def to_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """One ImageInput -> RGB PIL image; BadImage (index None) when unusable."""
     if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
+        from dlip.data.common import BadSample, decode_image
+
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BadImage(None, "missing_file", "no such file", str(path)) from None
-        except OSError as err:  # a directory, no permission, ...
-            raise BadImage(None, "missing_file", str(err), str(path)) from None
-        try:
-            return decode_bytes(data, max_pixels)
-        except BadImage as err:
-            raise BadImage(None, err.reason, err.detail, str(path)) from None
+            return decode_image(Path(item), max_pixels)
+        except BadSample as err:
+            raise BadImage(None, err.reason, err.detail, str(item)) from None
     if isinstance(item, (bytes, bytearray, memoryview)):
         return decode_bytes(bytes(item), max_pixels)
     if isinstance(item, Image.Image):

@@ -239,6 +239,7 @@ def _yaml_sets_task(path: str) -> bool:
 def finetune(cfg: FinetuneConfig, resume: str | None = None, test: bool = True) -> Path:
     """Finetune as `cfg` says, then (with `test` and data.test) evaluate the best model on the
     test split; returns run_dir/final."""
+
     def loader_then_check(cfg: FinetuneConfig, model_config: Any) -> DataLoader:
         out = build_loader(cfg, model_config)  # builds data.synth_dir first when it is absent
         check_eval_splits(cfg, test)
