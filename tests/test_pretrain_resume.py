@@ -390,3 +390,30 @@ def test_resume_ignores_keys_added_or_removed_since_the_run_started(synth, tmp_p
     (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     run_ok([*PRETRAIN, *overrides(synth, run_dir, 3), "--resume", "latest"])
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+
+
+def test_a_second_run_into_a_locked_run_dir_is_refused(synth, tmp_path):
+    """Two runs in one run_dir used to delete each other's checkpoints; `--resume auto` with no
+    checkpoint yet would even have cleared the running run's files. The second is refused,
+    naming the holder, and a killed holder leaves no stale lock."""
+    run_dir = tmp_path / "locked"
+    first = subprocess.Popen(
+        [*PRETRAIN, *overrides(synth, run_dir, 400, **{"run.ckpt_every": 1000})],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not metrics(run_dir):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        second = [*PRETRAIN, *overrides(synth, run_dir, 400), "--resume", "auto"]
+        out = subprocess.run(second, env=ENV, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "in use by a running dlip run" in out.stderr and f"pid {first.pid}" in out.stderr
+        assert first.poll() is None  # the first run goes on, its files untouched
+        assert metrics(run_dir)
+    finally:
+        first.kill()
+        first.wait()
+    run_ok([*PRETRAIN, *overrides(synth, run_dir, 2), "run.overwrite=true"])  # lock released
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]

@@ -71,6 +71,8 @@ from dlip.train.logging import (
 from dlip.train.optim import build_optimizer, lr_at, set_lr
 from dlip.train.rundir import (
     TEACHER_FILE,
+    RunDirError,
+    RunLock,
     check_config,
     check_teacher,
     clear_run,
@@ -253,7 +255,25 @@ def run(cfg: Any, job: Job, resume: str | None = None) -> Path:
     run_dir = Path(cfg.run.run_dir)
     mode = resolve_resume(run_dir, resume, cfg.run.overwrite, find_latest(run_dir))
     r = setup(cfg, job)
-    rng = None
+    lock = RunLock(r.run_dir)
+    refused = None
+    if is_main_process():  # rank 0 holds the lock for the run; every rank hears a refusal
+        try:
+            lock.acquire()
+        except RunDirError as err:
+            refused = str(err)
+    refused = broadcast_object(refused)
+    if refused:
+        raise RunDirError(refused)
+    try:
+        return _run_locked(r, mode)
+    finally:
+        lock.release()
+
+
+def _run_locked(r: Run, mode: str | None) -> Path:
+    """The run once its directory is locked: resume or start, train, save run_dir/final."""
+    cfg, rng = r.cfg, None
     if mode == "latest":
         check_teacher(r.run_dir, r.teacher_id)
         check_config(r.run_dir, cfg)
@@ -280,8 +300,7 @@ def run(cfg: Any, job: Job, resume: str | None = None) -> Path:
         from dlip.models.io import save
 
         save(r.task.student, final)
-    if is_dist():
-        dist.barrier()
+    barrier()
     return final
 
 

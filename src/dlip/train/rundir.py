@@ -146,3 +146,51 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+# ------------------------------------------------------------------------------- the run lock
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on `run_dir` for a run's life (rank 0 holds it): a second run into the
+    same directory is refused, naming the holder, instead of the two deleting each other's
+    checkpoints. `flock` is released by the kernel when the holder dies (SIGKILL included), so
+    a killed run never leaves a stale lock; on network file systems without `flock` support
+    the lock may not reach other nodes (the requeue of one job is the usual case, and is
+    fine)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunDirError naming who holds it."""
+        import fcntl
+        import os
+        import socket
+        import sys
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.path.read_text(errors="replace").strip() or "another process"
+            raise RunDirError(
+                f"{self.path.parent} is in use by a running dlip run ({holder}); wait for it "
+                "to end, stop it, or choose another run_dir"
+            ) from None
+        me = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}: "
+        os.ftruncate(fd, 0)
+        os.write(fd, (me + " ".join(sys.argv)[:500] + "\n").encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
