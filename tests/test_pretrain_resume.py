@@ -417,3 +417,31 @@ def test_a_second_run_into_a_locked_run_dir_is_refused(synth, tmp_path):
         first.wait()
     run_ok([*PRETRAIN, *overrides(synth, run_dir, 2), "run.overwrite=true"])  # lock released
     assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+
+
+def test_resume_passes_over_corrupt_checkpoints_to_the_newest_sound_one(synth, tmp_path):
+    """Zeroed bytes inside the newest weights (which still load) and a truncated trainer state
+    in the one before: the resume says so and continues from the newest sound checkpoint,
+    logging the uninterrupted run's losses."""
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    run_ok([*PRETRAIN, *overrides(synth, straight, 5)])
+    run_ok([*PRETRAIN, *overrides(synth, cut, 4, **{"run.keep_last": 3})])
+    step4 = cut / "checkpoints" / "step_4" / "model.safetensors"
+    data = bytearray(step4.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 5000] = bytes(5000)  # 5 KB of zeros, header intact
+    step4.write_bytes(bytes(data))
+    trainer3 = cut / "checkpoints" / "step_3" / TRAINER_FILE
+    trainer3.write_bytes(trainer3.read_bytes()[:100])
+    out = subprocess.run(
+        [*PRETRAIN, *overrides(synth, cut, 5, **{"run.keep_last": 3}), "--resume", "latest"],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "passing over checkpoint step_4: model.safetensors does not match" in out.stdout
+    assert "passing over checkpoint step_3: " in out.stdout
+    assert "resuming from step_2" in out.stdout
+    a, b = metrics(straight), metrics(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(a, b, strict=True):
+        for key in TERMS:
+            assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)

@@ -9,6 +9,10 @@ is no scheduler state (the lr is a function of the step). It is read with
 `torch.load(weights_only=True)`, so it may contain only tensors and plain containers (dict,
 list, tuple, str, int, float, bool, None); `save_checkpoint` checks that before writing.
 
+Integrity: `meta.json` names the run and records the SHA-256 of both files; a resume checks
+them (`find_latest_sound`) and passes over a corrupted or unloadable checkpoint to the newest
+sound one.
+
 Atomicity: a checkpoint is written into a temp directory next to its final place (`.tmp-...`),
 every file and the directory fsynced, then renamed to `step_N` in one `os.rename`. A crash at
 any point leaves either no `step_N` or a complete one, and the previous checkpoints untouched;
@@ -145,6 +149,44 @@ def save_checkpoint(
     return final
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a file whose SHA-256 differs from the one
+    recorded when it was written, or that does not load), or None when it is sound.
+    Checkpoints written before digests were recorded are checked by loading only."""
+    meta = checkpoint / META_FILE
+    recorded = json.loads(meta.read_text()).get("sha256", {}) if meta.is_file() else {}
+    for name, digest in recorded.items():
+        if file_sha256(checkpoint / name) != digest:
+            return f"{name} does not match its SHA-256 (corrupted after it was written)"
+    try:
+        load_checkpoint(checkpoint)
+    except Exception as err:  # any unreadable file: try the previous checkpoint
+        return f"cannot be loaded ({type(err).__name__}: {err})"
+    return None
+
+
+def find_latest_sound(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint that passes `checkpoint_problem`, and a line per newer
+    one passed over (with its problem)."""
+    passed_over = []
+    for _, path in reversed(_complete_steps(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, passed_over
+        passed_over.append(f"{path.name}: {problem}")
+    return None, passed_over
+
+
 def read_run_id(checkpoint: Path) -> str | None:
     """The id of the run that wrote `checkpoint` (None for checkpoints without meta.json)."""
     meta = checkpoint / META_FILE
@@ -168,7 +210,9 @@ def _write(final: Path, step: int, state: Mapping[str, Any], run_id: str | None)
             _model_tensors(state["model"]), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"}
         )
         torch.save(trainer, tmp / TRAINER_FILE)
-        (tmp / META_FILE).write_text(json.dumps({"run_id": run_id, "step": step}) + "\n")
+        digests = {f: file_sha256(tmp / f) for f in (WEIGHTS_FILE, TRAINER_FILE)}
+        meta = {"run_id": run_id, "step": step, "sha256": digests}
+        (tmp / META_FILE).write_text(json.dumps(meta) + "\n")
         for f in (tmp / WEIGHTS_FILE, tmp / TRAINER_FILE, tmp / META_FILE):
             _fsync(f)
         _fsync(tmp)

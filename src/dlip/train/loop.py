@@ -51,6 +51,7 @@ from dlip.precision import autocast, autocast_dtype, gradient_scaler
 from dlip.train.checkpoint import (
     capture_rng_all_ranks,
     find_latest,
+    find_latest_sound,
     load_checkpoint,
     read_run_id,
     restore_rng,
@@ -352,8 +353,13 @@ def resume_from_latest(r: Run) -> dict[str, Any]:
     returns its RNG states, restored by the caller once everything is built."""
     from dlip.models.io import load_strict
 
-    latest = find_latest(r.run_dir)
-    assert latest is not None  # resolve_resume checked
+    latest, passed_over = find_latest_sound(r.run_dir)
+    for line in passed_over:
+        print(f"--resume: passing over checkpoint {line}", flush=True)
+    if latest is None:
+        raise RunDirError(f"--resume: no sound checkpoint under {r.run_dir}/checkpoints")
+    if passed_over and is_main_process():
+        print(f"--resume: resuming from {latest.name}, the newest sound checkpoint", flush=True)
     model_state, state = load_checkpoint(latest)
     r.run_id = read_run_id(latest) or new_run_id()
     load_strict(r.task, model_state, str(latest))
