@@ -189,8 +189,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export_json(args: argparse.Namespace) -> int:
-    from dlip.data.manifest import export_json
+    from dlip.data.manifest import BuildReport, export_json
 
-    n = export_json(args.manifests, args.out)
-    print(f"wrote {n} entries to {args.out}")
+    report = BuildReport()
+    n = export_json(args.manifests, args.out, report)
+    print(f"wrote {n} entries to {args.out}\n{report.summary()}")
     return 0

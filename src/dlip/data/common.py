@@ -17,8 +17,9 @@ import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -109,11 +110,14 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS)
 
 
 def read_manifest(path: str | Path) -> Iterator[dict[str, str]]:
-    """Rows of a jsonl manifest; a malformed line is an error naming the file and line."""
+    """Rows of a jsonl manifest; a malformed line is an error naming the file and line.
+
+    (`dlip.data.rows.checked_rows` counts and skips bad rows instead, for merge / export.)
+    """
     path = Path(path)
-    # surrogateescape: one bad byte makes one row's caption a counted bad_text skip
-    # (check_caption), not the whole manifest unreadable.
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: a leading BOM is dropped. surrogateescape: one bad byte makes one row's
+    # caption a counted bad_text skip (check_caption), not the whole manifest unreadable.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -121,23 +125,36 @@ def read_manifest(path: str | Path) -> Iterator[dict[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: a JSON {type(row).__name__}, not an object")
             missing = [k for k in MANIFEST_KEYS if k not in row]
             if missing:
                 raise ValueError(f"{path}:{n}: manifest row lacks {missing}")
             yield row
 
 
-def write_manifest(rows: Iterable[dict[str, str]], path: str | Path) -> int:
-    """Write rows as jsonl atomically (temp file + rename); returns the row count."""
+@contextmanager
+def atomic_text(path: str | Path) -> Iterator[IO[str]]:
+    """A UTF-8 text file written to `<path>.tmp` and renamed over `path` on success; on any
+    error the temp file is removed, so a failed run leaves neither half a file nor a .tmp."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            yield f
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_manifest(rows: Iterable[dict[str, str]], path: str | Path) -> int:
+    """Write rows as jsonl atomically (`atomic_text`); returns the row count."""
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_text(path) as f:
         for row in rows:
             f.write(json.dumps({k: row[k] for k in MANIFEST_KEYS}, ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(path)
     return n
 
 

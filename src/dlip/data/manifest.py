@@ -4,7 +4,7 @@ Each builder yields DESIGN.md rows `{"image", "caption", "source", "image_id"}` 
 image paths, stripped captions), skipping bad samples and counting them by a `common.REASONS`
 name in a `BuildReport` as the rows are consumed. `write_rows` writes rows and counts them per
 source; `merge_manifests` joins manifests, drops duplicates and Karpathy val/test images;
-`export_json` writes the seed's `all.json`. The sources:
+`export_json` (rows.py) writes the seed's `all.json`; both skip and count bad rows. The sources:
 
 - **img2dataset** (`build_img2dataset`), output format detected from the folder: `files`
   (`NNNNN/KEY.jpg|.txt|.json`), `webdataset` (`NNNNN.tar` holding the same members) or
@@ -32,13 +32,9 @@ source; `merge_manifests` joins manifests, drops duplicates and Karpathy val/tes
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import re
-from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,44 +45,17 @@ from dlip.data.common import (
     decode_image,
     dedupe_key,
     dedupe_max_keys,
-    read_manifest,
     repeated_positions,
     write_manifest,
 )
 from dlip.data.karpathy import build_flickr30k_csv as build_flickr30k_csv  # re-exported
 from dlip.data.karpathy import build_karpathy as build_karpathy  # re-exported
 from dlip.data.karpathy import coco_id_from_name, eval_image_ids, eval_key, iter_json_array
+from dlip.data.rows import BuildReport as BuildReport  # re-exported
+from dlip.data.rows import checked_rows, parse_object
+from dlip.data.rows import export_json as export_json  # re-exported
 
 Row = dict[str, str]
-
-
-@dataclass
-class BuildReport:
-    """What a build or merge kept (rows per source) and dropped (bad samples by reason, and
-    rows a documented filter removed)."""
-
-    kept: Counter = field(default_factory=Counter)
-    skipped: SkipCounts = field(default_factory=SkipCounts)
-    filtered: Counter = field(default_factory=Counter)
-    notes: list[str] = field(default_factory=list)
-
-    def track(self, rows: Iterable[Row]) -> Iterator[Row]:
-        """Pass rows through, counting them per source as kept."""
-        for row in rows:
-            self.kept[row["source"]] += 1
-            yield row
-
-    def summary(self) -> str:
-        kept = ", ".join(f"{k} {v}" for k, v in sorted(self.kept.items())) or "none"
-        lines = [f"kept {sum(self.kept.values())} ({kept})", self.skipped.summary()]
-        if self.filtered:
-            parts = ", ".join(f"{k} {v}" for k, v in sorted(self.filtered.items()))
-            lines.append(f"filtered {sum(self.filtered.values())} ({parts})")
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
-
-    def as_dict(self) -> dict[str, Any]:
-        counts = {k: dict(getattr(self, k)) for k in ("kept", "skipped", "filtered")}
-        return {**counts, "notes": list(self.notes)}
 
 
 def write_rows(rows: Iterable[Row], out: str | Path, report: BuildReport) -> int:
@@ -168,8 +137,13 @@ def _files_shard(
     if meta is None:  # fall back to the per-sample .json files: only successes are visible
         meta = {}
         for name in sorted(n for n in present if n.endswith(".json")):
-            m = json.loads((sub / name).read_text(encoding="utf-8"))
-            meta[m["key"]] = m
+            try:  # a corrupt one is one skipped sample, named, not a failed build
+                m = parse_object((sub / name).read_bytes())
+            except BadSample as bad:
+                report.skipped.add(bad.reason)
+                report.notes.append(f"{sub / name}: {bad.detail}")
+                continue
+            meta[m.setdefault("key", name.partition(".")[0])] = m
     for key, m in sorted(meta.items()):  # key order: the parquet is in completion order
         if m["status"] != "success":
             report.skipped.add("download_failed")
@@ -225,7 +199,13 @@ def _tar_shard(
     out_dir.mkdir(parents=True, exist_ok=True)
     for key, parts in _tar_samples(folder / f"{shard}.tar", report):
         expected.discard(key)
-        m = json.loads(parts["json"]) if "json" in parts else {"key": key, "status": "success"}
+        try:  # one corrupt .json member is one skipped sample, named, not a failed build
+            m = parse_object(parts["json"]) if "json" in parts else {"status": "success"}
+        except BadSample as bad:
+            report.skipped.add(bad.reason)
+            report.notes.append(f"{folder / shard}.tar: sample {key}: {bad.detail}")
+            continue
+        m.setdefault("key", key)
         m["caption"] = parts.get("txt")  # bytes: check_caption reports invalid UTF-8
         ext = next((e for e in _IMAGE_EXTS if e in parts), None)
         if ext is None:
@@ -453,18 +433,19 @@ def merge_manifests(
     `tmp_dir`, 24 bytes a row) + 8 bytes a duplicate, whatever the row count.
     """
     leak = eval_image_ids(exclude_karpathy) if exclude_karpathy else set()
-    paths = list(paths)  # read twice
+    paths = list(paths)  # read twice; bad rows (`checked_rows`) are counted on the second pass
 
-    def rows() -> Iterator[tuple[Row, bool]]:  # every row of every manifest, and if it leaks
-        for row in itertools.chain.from_iterable(map(read_manifest, paths)):
-            yield row, bool(leak) and eval_key(row) in leak
+    def rows(skipped: SkipCounts, notes: list[str]) -> Iterator[tuple[Row, bool]]:
+        for path in paths:  # every good row of every manifest, and if it leaks
+            for row in checked_rows(path, skipped, notes):
+                yield row, bool(leak) and eval_key(row) in leak
 
-    keys = (None if leaked else dedupe_key(row) for row, leaked in rows())
+    keys = (None if leaked else dedupe_key(row) for row, leaked in rows(SkipCounts(), []))
     max_keys = dedupe_max_keys(dedupe_mib)
     found = repeated_positions(keys, max_keys=max_keys, tmp_dir=tmp_dir) if dedupe else ()
     repeats = map(int, found)  # numpy scalars compare slowly
     repeat = next(repeats, -1)
-    for pos, (row, leaked) in enumerate(rows()):
+    for pos, (row, leaked) in enumerate(rows(report.skipped, report.notes)):
         if leaked:
             report.skipped.add("karpathy_eval")
         elif pos == repeat:
@@ -472,28 +453,3 @@ def merge_manifests(
             repeat = next(repeats, -1)
         else:
             yield row
-
-
-def export_json(manifests: Sequence[str | Path], out: str | Path) -> int:
-    """Write the seed's `all.json`: a JSON list of `{"caption", "image_root", "id"}`.
-
-    `image_root` is the absolute image path, `id` the row's position (unique). Streamed, and
-    written atomically. Returns the number of entries.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write("[")
-        for path in manifests:
-            for row in read_manifest(path):
-                if "://" in row["image"]:
-                    raise ValueError(f"{path}: row {row['image_id']} has a URL, not a file path")
-                entry = {"caption": row["caption"], "image_root": os.path.abspath(row["image"])}
-                entry["id"] = n
-                f.write(("\n" if n == 0 else ",\n") + json.dumps(entry, ensure_ascii=False))
-                n += 1
-        f.write("\n]\n")
-    tmp.replace(out)
-    return n
