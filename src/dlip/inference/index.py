@@ -3,7 +3,9 @@
 `build_index(predictor, image_dir, out)` embeds every image under a directory in chunks written
 atomically (OUT/chunks/NNNNN.safetensors + OUT/progress.json), so an interrupted build resumes
 after its last complete chunk; the final form is OUT/index.json + OUT/features.safetensors.
-Bad images are skipped and counted.
+Bad images are skipped and counted. Each chunk records every file's signature (size and
+mtime_ns, taken before the file is read); a rerun re-embeds the files whose signature changed
+(replaced in place) and keeps the other embeddings.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class IndexReport:
     chunks_done: int
     chunks_total: int
     resumed_chunks: int  # chunks found complete from an earlier run
+    refreshed: int = 0  # files of those chunks re-embedded: changed since (or no signature)
 
     @property
     def complete(self) -> bool:
@@ -109,17 +112,32 @@ def list_images(image_dir: str | Path) -> list[str]:
     )
 
 
+Chunk = tuple[Tensor, list[str], dict[str, str], dict[str, Any]]  # feats, kept, bad, signatures
+
+
+def _signature(path: Path) -> list[int] | None:
+    """What tells a file replaced in place from the one indexed: [size, mtime_ns]."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None  # gone: its read fails and names the reason
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _embed_chunk(
     predictor: Predictor, root: Path, names: list[str], batch_size: int, tick: Callable
-) -> tuple[Tensor, list[str], dict[str, str]]:
+) -> Chunk:
     """Features of the readable files among `names`; the others are returned with a reason."""
     feats = [torch.zeros(0, predictor.model.config.embed_dim)]
     kept: list[str] = []
     bad: dict[str, str] = {}
+    sigs: dict[str, Any] = {}
     for start in range(0, len(names), batch_size):
         batch = names[start : start + batch_size]
         pixels = []
         for name in batch:
+            # stat before reading: a file replaced meanwhile is then seen as changed next run
+            sigs[name] = _signature(root / name)
             try:
                 pixels.append(predictor.transform(to_pil(root / name, predictor.max_pixels)))
                 kept.append(name)
@@ -130,25 +148,48 @@ def _embed_chunk(
                 px = torch.stack(pixels).to(predictor.device, predictor.dtype)
                 feats.append(predictor.model.encode_image(px).feat.float().cpu())  # (B, E)
         tick(len(batch))
-    return torch.cat(feats), kept, bad
+    return torch.cat(feats), kept, bad, sigs
 
 
-def _write_chunk(path: Path, feats: Tensor, kept: list[str], bad: dict[str, str]) -> None:
+def _write_chunk(path: Path, feats: Tensor, kept: list[str], bad: dict, sigs: dict) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    meta = {"paths": json.dumps(kept), "bad": json.dumps(bad)}
+    meta = {"paths": json.dumps(kept), "bad": json.dumps(bad), "sigs": json.dumps(sigs)}
     save_file({"features": feats.contiguous()}, str(tmp), metadata=meta)
     tmp.replace(path)  # atomic: a killed build never leaves a half chunk
 
 
-def _read_chunk(path: Path) -> tuple[Tensor, list[str], dict[str, str]]:
+def _read_chunk(path: Path) -> Chunk:
+    """A chunk's parts; its signatures are {} when written before they were recorded."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        return f.get_tensor("features"), json.loads(meta["paths"]), json.loads(meta["bad"])
+        kept, bad = json.loads(meta["paths"]), json.loads(meta["bad"])
+        return f.get_tensor("features"), kept, bad, json.loads(meta.get("sigs", "{}"))
+
+
+def _refresh_chunk(
+    predictor: Predictor, root: Path, path: Path, names: list[str], batch_size: int
+) -> int:
+    """Re-embed the files of a complete chunk whose signature changed (all of them when it has
+    none); the others keep their features. Returns how many were re-embedded."""
+    feats, kept, bad, sigs = _read_chunk(path)
+    stale = [n for n in names if n not in sigs or sigs[n] != _signature(root / n)]
+    if not stale:
+        return 0
+    new_feats, new_kept, new_bad, new_sigs = _embed_chunk(
+        predictor, root, stale, batch_size, lambda _n: None
+    )
+    rows = {n: feats[i] for i, n in enumerate(kept)} | dict(zip(new_kept, new_feats, strict=True))
+    kept = [n for n in names if n in rows and (n in new_kept or n not in new_sigs)]
+    reasons = {n: r for n, r in bad.items() if n not in new_sigs} | new_bad
+    bad = {n: reasons[n] for n in names if n in reasons}  # listing order, as a fresh build
+    out = torch.stack([rows[n] for n in kept]) if kept else feats[:0]
+    _write_chunk(path, out, kept, bad, {**sigs, **new_sigs})
+    return len(stale)
 
 
 def _build_state(predictor: Predictor, root: Path, files: list[str], chunk_size: int) -> dict:
@@ -200,6 +241,12 @@ def build_index(
     out/progress.json; a rerun continues after the last complete chunk. Unreadable files are
     skipped and counted. `max_chunks` stops after that many new chunks (incremental builds);
     index.json + features.safetensors are written once every chunk is done.
+
+    A rerun over the same files also checks the chunks it resumes: a file whose size or
+    mtime_ns differs from those recorded when it was embedded (replaced in place) is embedded
+    again, the others keep their features (`IndexReport.refreshed` counts them; index.json's
+    "change_check" names what is compared). Chunks from before signatures were recorded are
+    embedded again in full. Added or removed files change the listing: start over (resume=False).
     """
     from tqdm import tqdm
 
@@ -210,6 +257,11 @@ def build_index(
     state = _build_state(predictor, root, files, chunk_size)
     done = resumed = _resume_point(out, state, resume)
     total = -(-len(files) // chunk_size)
+    refreshed = 0
+    for c in range(done):  # files replaced in place since their chunk was written
+        names = files[c * chunk_size : (c + 1) * chunk_size]
+        chunk = out / CHUNK_DIR / f"{c:05d}.safetensors"
+        refreshed += _refresh_chunk(predictor, root, chunk, names, batch_size)
     bar = tqdm(total=len(files), initial=min(done * chunk_size, len(files)), disable=not progress)
     with bar:
         while done < total and (max_chunks is None or done - resumed < max_chunks):
@@ -220,7 +272,7 @@ def build_index(
             atomic_write_text(out / PROGRESS_JSON, json.dumps({**state, "done": done}, indent=1))
     feats, paths, bad = [torch.zeros(0, predictor.model.config.embed_dim)], [], {}
     for c in range(done):
-        f, p, b = _read_chunk(out / CHUNK_DIR / f"{c:05d}.safetensors")
+        f, p, b, _ = _read_chunk(out / CHUNK_DIR / f"{c:05d}.safetensors")
         feats.append(f)
         paths += p
         bad.update(b)
@@ -235,6 +287,7 @@ def build_index(
             "root": str(root),
             "skipped": skipped,
             "bad_files": bad,
+            "change_check": "size+mtime_ns",  # a rebuild re-embeds files these changed for
         }
         ImageIndex(paths, torch.cat(feats), meta).save(out)
-    return IndexReport(str(out), len(paths), skipped, bad, done, total, resumed)
+    return IndexReport(str(out), len(paths), skipped, bad, done, total, resumed, refreshed)

@@ -124,6 +124,15 @@ class SearchHit:
     itm: float | None  # raw ITM positive logit (re-ranked hits only)
 
 
+class SearchResults(list[SearchHit]):
+    """`Predictor.search`'s hits (a plain list to callers), plus `skipped`: the index paths that
+    re-ranking could not read, each with its BadImage reason."""
+
+    def __init__(self, hits: list[SearchHit], skipped: dict[str, str] | None = None) -> None:
+        super().__init__(hits)
+        self.skipped: dict[str, str] = skipped or {}
+
+
 class Predictor:
     """A BLIP model ready for inference; see the module docstring for inputs and threading."""
 
@@ -300,29 +309,43 @@ class Predictor:
 
     def search(
         self, query: str, index: ImageIndex, k: int = 10, rerank: int | None = None
-    ) -> list[SearchHit]:
+    ) -> SearchResults:
         """ITC top-k; with `rerank`, the top `rerank` images are re-scored by ITM positive logit
-        + cosine (BLIP's rule, images re-read from their paths) and ranked above the rest."""
+        + cosine (BLIP's rule, images re-read from their paths) and ranked above the rest.
+
+        An image among those `rerank` that can no longer be read (deleted, or replaced by a
+        non-image since indexing) is left out of the results rather than kept with its ITC
+        score alone, which is not comparable with the re-ranked scores; the next ITC hits fill
+        its place. Such files are listed in the result's `skipped` (index path -> reason).
+        """
         from dlip.eval.retrieval import itm_pair_scores
 
         index.check_model(self)
         if k < 1 or (rerank is not None and rerank < 1):
             raise ValueError(f"k and rerank must be >= 1 (got k={k}, rerank={rerank})")
         sims = index.features @ self.embed_texts([query])[0]  # (N,)
-        top = sims.topk(min(max(k, rerank or 0), len(index))).indices.tolist()
+        # k past the re-ranked head: hits that stand in for the files re-ranking must skip
+        top = sims.topk(min(k + (rerank or 0), len(index))).indices.tolist()
         hits = [SearchHit(index.path(i), float(sims[i]), float(sims[i]), None) for i in top]
         if not rerank or not hits:
-            return hits[:k]
-        head = hits[:rerank]
+            return SearchResults(hits[:k])
+        head, pixels, skipped = [], [], {}
         with self._run():
-            tokens = self.model.encode_image(self.pixels([h.path for h in head])).tokens
-            ids, mask = self.tokenize([query], first=self.tokenizer.enc_token_id)
-            pairs_img = torch.arange(len(head))
-            itm = itm_pair_scores(self.model, tokens, ids, mask, pairs_img, pairs_img * 0)
-        for hit, logit in zip(head, itm.tolist(), strict=True):
-            hit.itm, hit.score = logit, logit + hit.itc
+            for hit in hits[:rerank]:
+                try:
+                    pixels.append(self.transform(to_pil(hit.path, self.max_pixels)))
+                    head.append(hit)
+                except BadImage as err:  # changed since indexing: skip it, not the search
+                    skipped[hit.path] = err.reason
+            if head:
+                image = self.model.encode_image(torch.stack(pixels).to(self.device, self.dtype))
+                ids, mask = self.tokenize([query], first=self.tokenizer.enc_token_id)
+                pairs = torch.arange(len(head))
+                itm = itm_pair_scores(self.model, image.tokens, ids, mask, pairs, pairs * 0)
+                for hit, logit in zip(head, itm.tolist(), strict=True):
+                    hit.itm, hit.score = logit, logit + hit.itc
         head.sort(key=lambda h: -h.score)
-        return (head + hits[rerank:])[:k]
+        return SearchResults((head + hits[rerank:])[:k], skipped)
 
 
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

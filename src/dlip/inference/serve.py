@@ -1,9 +1,11 @@
 """`dlip serve`: the demo web app (FastAPI + uvicorn) over one `Predictor`.
 
 Routes: `GET /` (the page), `POST /api/caption` (multipart `image`) -> {"caption"},
-`POST /api/itm` (`image`, `text`) -> {"score"}, `GET /api/search?q=&k=` -> {"results": [{path,
-score, itc, itm, thumb}]}, `GET /api/image/{i}` (a thumbnail of the index's i-th image; only
-index entries are ever served), `GET /api/info`. Every error is `{"error": str}` with a 4xx code.
+`POST /api/itm` (`image`, `text`) -> {"score"}, `GET /api/search?q=&k=&rerank=` -> {"results":
+[{path, score, itc, itm, thumb}], "skipped": n} (n: indexed files re-ranking could not read, left
+out), `GET /api/image/{i}` (a thumbnail of the index's i-th image; only index entries are ever
+served), `GET /api/info`. Every error is `{"error": str}` with a 4xx code, its absolute paths cut
+to file names.
 
 Model calls run one at a time under a lock, in a worker thread, so the event loop keeps accepting
 requests (and rejecting bad ones) while a caption is being generated. fastapi / uvicorn are
@@ -14,6 +16,7 @@ FastAPI must see the real `Request` class on the routes defined inside `create_a
 
 import io
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -105,10 +108,14 @@ class Service:
         scores = self.locked(lambda: self.predictor.itm_scores(image, [text]))  # (1,)
         return float(scores.reshape(-1)[0])
 
-    def search(self, query: str, k: int, rerank: int | None) -> list[dict]:
+    def search(self, query: str, k: int, rerank: int | None) -> dict:
+        """{"results": hits, "skipped": index files re-ranking could not read (left out)}."""
         if self.index is None:
             raise ApiError(404, "no image index loaded: start `dlip serve` with --index DIR")
         hits = self.locked(lambda: self.predictor.search(query, self.index, k=k, rerank=rerank))
+        return {"results": self._rows(hits), "skipped": len(getattr(hits, "skipped", ()))}
+
+    def _rows(self, hits: list) -> list[dict]:
         out = []
         for hit in hits:
             i = self.positions.get(str(hit.path))
@@ -208,13 +215,23 @@ async def _run_model(fn: Callable[[], T], what: str) -> T:
         raise ApiError(400, f"{what}: {err}") from None
 
 
+# an absolute path's folders (POSIX or Windows), up to its last component
+_ABS_DIRS = re.compile(r"(?<![\w.~-])(?:/|[A-Za-z]:[\\/])(?:[^\s/\\'\"]+[/\\])+")
+
+
+def public_message(message: str) -> str:
+    """`message` with every absolute path cut to its file name: errors (an OSError's own text
+    included) must not show a client where the server keeps its files."""
+    return _ABS_DIRS.sub("", message)
+
+
 def _install_error_handlers(app: Any) -> None:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
     async def api_error(_request: Any, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": public_message(exc.message)}, status_code=exc.status)
 
     async def too_large(_request: Any, _exc: UploadTooLarge) -> JSONResponse:
         message = f"upload too large: the limit is {app.state.max_upload_bytes} bytes"
@@ -279,8 +296,7 @@ def create_app(
         query = _clean_text(params.get("q"), "q")
         k = _int_param(params.get("k"), "k", 10, 1, MAX_K)
         rerank = _int_param(params.get("rerank"), "rerank", None, 0, MAX_K) or None
-        results = await _run_model(lambda: service.search(query, k, rerank), "search")
-        return {"results": results}
+        return await _run_model(lambda: service.search(query, k, rerank), "search")
 
     @app.get("/api/image/{i}")
     async def image(i: int) -> Response:

@@ -1,0 +1,189 @@
+"""An index whose files changed after it was built: a re-ranked search skips (and counts) the
+files it can no longer read, `dlip serve` answers without them and never shows a server path in
+an error, and a rebuild re-embeds the files replaced in place (size + mtime_ns) only."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+import dlip
+from dlip.data.synthetic import synthesize
+from dlip.inference.index import ImageIndex, build_index, list_images
+from dlip.inference.predictor import Predictor
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+QUERY = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return dlip.save(dlip.create_model("test_tiny"), tmp_path_factory.mktemp("m") / "model")
+
+
+@pytest.fixture(scope="module")
+def pred(model_dir) -> Predictor:
+    return Predictor.load(str(model_dir), device="cpu")
+
+
+def _indexed_copy(pred: Predictor, root: Path) -> ImageIndex:
+    """A fresh folder of 12 synthetic images and its index (at root/index)."""
+    synthesize(root / "images", 12, image_size=32)
+    assert build_index(pred, root / "images", root / "index", progress=False).complete
+    return ImageIndex.load(root / "index")
+
+
+def _replace_image(path: Path, color: str, size: int, mtime_ns: int) -> None:
+    """Overwrite `path` in place with another picture and a chosen mtime."""
+    Image.new("RGB", (size, size), color).save(path, format=Image.open(path).format)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+# ------------------------------------------------------------------------------- search
+@pytest.mark.parametrize("damage", ["deleted", "not_an_image"])
+def test_rerank_skips_and_counts_unreadable_files(pred, tmp_path, damage):
+    index = _indexed_copy(pred, tmp_path)
+    before = pred.search(QUERY, index, k=4, rerank=6)
+    assert before.skipped == {}
+    victim = Path(before[1].path)
+    if damage == "deleted":
+        victim.unlink()
+    else:
+        victim.write_bytes(b"<html>not an image</html>")
+    hits = pred.search(QUERY, index, k=4, rerank=6)
+    assert len(hits) == 4 and victim.as_posix() not in {Path(h.path).as_posix() for h in hits}
+    assert all(h.itm is not None and h.score == pytest.approx(h.itm + h.itc) for h in hits)
+    assert list(hits.skipped) == [before[1].path]
+    reason = "missing_file" if damage == "deleted" else "not_an_image"
+    assert hits.skipped[before[1].path] == reason
+    kept = [h.path for h in before if h.path != before[1].path]
+    assert [h.path for h in hits][:3] == kept  # the others keep their order and scores
+    plain = pred.search(QUERY, index, k=4)  # without re-ranking no file is read
+    assert len(plain) == 4 and plain.skipped == {}
+
+
+class Server:
+    """`python -m dlip serve` on a free port (as in tests/test_serve.py)."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        cmd = [sys.executable, "-m", "dlip", "serve", *args, "--port", str(port)]
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [*cmd, "--log-level", "warning"], env=ENV, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, log.read_text()
+            try:
+                if self.client.get("/api/info", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start:\n{log.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _no_server_path(response: httpx.Response, root: Path) -> None:
+    assert response.status_code >= 400 and set(response.json()) == {"error"}, response.text
+    for secret in (str(root), str(root.resolve()), "/tmp", os.sep + "images" + os.sep):
+        assert secret not in response.text, response.text
+
+
+def test_serve_search_skips_missing_files_and_hides_paths(pred, model_dir, tmp_path):
+    index = _indexed_copy(pred, tmp_path)
+    params = {"q": QUERY, "k": 4, "rerank": 6}
+    victim = Path(pred.search(QUERY, index, k=4, rerank=6)[0].path)
+    victim.unlink()
+    other = Path(pred.search(QUERY, index, k=4, rerank=6)[0].path)
+    other.replace(tmp_path / other.name)
+    other.mkdir()  # a second bad entry: a folder where the file was
+    want = pred.search(QUERY, index, k=4, rerank=6)
+    assert len(want.skipped) == 2
+    server = Server(
+        ["--model", str(model_dir), "--index", str(tmp_path / "index")], tmp_path / "log"
+    )
+    try:
+        got = server.client.get("/api/search", params=params)
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert [r["path"] for r in body["results"]] == [h.path for h in want]
+        assert body["skipped"] == 2
+        for path in (victim, other):
+            i = index.paths.index(path.relative_to(index.meta["root"]).as_posix())
+            _no_server_path(server.client.get(f"/api/image/{i}"), tmp_path)
+        ok = server.client.get("/api/search", params={"q": QUERY})
+        assert ok.status_code == 200 and ok.json()["skipped"] == 0
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------- rebuild
+def test_rebuild_reembeds_files_replaced_in_place(pred, tmp_path):
+    images = tmp_path / "images"
+    synthesize(images, 12, image_size=32)
+    build_index(pred, images, tmp_path / "index", chunk_size=5, progress=False)
+    old = ImageIndex.load(tmp_path / "index")
+    changed = old.paths[6]
+    stat = (images / changed).stat()
+    _replace_image(images / changed, "yellow", 48, stat.st_mtime_ns - 10**9)
+    assert (images / changed).stat().st_size != stat.st_size
+
+    report = build_index(pred, images, tmp_path / "index", chunk_size=5, progress=False)
+    assert report.complete and report.refreshed == 1
+    new = ImageIndex.load(tmp_path / "index")
+    assert new.paths == old.paths and new.meta["change_check"] == "size+mtime_ns"
+    build_index(pred, images, tmp_path / "fresh", chunk_size=5, progress=False)  # from scratch
+    fresh = ImageIndex.load(tmp_path / "fresh")
+    i = new.paths.index(changed)
+    torch.testing.assert_close(new.features[i], fresh.features[i])
+    assert not torch.allclose(new.features[i], old.features[i])
+    same = [j for j in range(len(old)) if j != i]
+    torch.testing.assert_close(new.features[same], old.features[same], rtol=0, atol=0)
+
+    again = build_index(pred, images, tmp_path / "fresh", chunk_size=5, progress=False)
+    assert again.refreshed == 0 and again.resumed_chunks == 3  # nothing changed: nothing redone
+    torch.testing.assert_close(ImageIndex.load(tmp_path / "fresh").features, fresh.features)
+
+
+def test_chunks_without_signatures_are_redone(pred, tmp_path):
+    """A partial build written before signatures were recorded still resumes correctly."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    images = tmp_path / "images"
+    synthesize(images, 12, image_size=32)
+    out = tmp_path / "index"
+    build_index(pred, images, out, chunk_size=5, max_chunks=1, progress=False)
+    chunk = out / "chunks" / "00000.safetensors"
+    with safe_open(str(chunk), framework="pt") as f:
+        meta, feats = f.metadata(), f.get_tensor("features")
+    save_file({"features": feats}, str(chunk), metadata={k: meta[k] for k in ("paths", "bad")})
+    _replace_image(images / list_images(images)[0], "yellow", 48, 10**18)
+    report = build_index(pred, images, out, chunk_size=5, progress=False)
+    assert report.complete and report.refreshed == 5
+    build_index(pred, images, tmp_path / "fresh", chunk_size=5, progress=False)
+    torch.testing.assert_close(
+        ImageIndex.load(out).features, ImageIndex.load(tmp_path / "fresh").features
+    )
