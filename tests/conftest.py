@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -49,3 +54,68 @@ def teacher_dir(tmp_path_factory):
     torch.manual_seed(1)
     teacher = dlip.BLIP(ModelConfig.from_dict(data))
     return dlip.save(teacher, tmp_path_factory.mktemp("teacher") / "model")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved test_tiny model (seed 0) for the inference, index and serving tests."""
+    torch.manual_seed(0)
+    return dlip.save(dlip.create_model("test_tiny"), tmp_path_factory.mktemp("m") / "model")
+
+
+@pytest.fixture(scope="module")
+def pred(model_dir):
+    from dlip.inference.predictor import Predictor
+
+    return Predictor.load(str(model_dir), device="cpu")
+
+
+_ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_ONE_THREAD_ENV["CUDA_VISIBLE_DEVICES"] = ""
+
+
+class ServeProcess:
+    """`python -m dlip serve ARGS` on a free loopback port; `wait()` until /api/info answers."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "dlip", "serve", *args, "--port", str(self.port)]
+        cmd += ["--log-level", "warning"]
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, env=_ONE_THREAD_ENV, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def wait(self, timeout: float = 120.0) -> ServeProcess:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/api/info", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def serve_process() -> type[ServeProcess]:
+    """The `dlip serve` subprocess launcher (tests/test_serve.py, tests/test_index_robust.py)."""
+    return ServeProcess

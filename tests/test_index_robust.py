@@ -5,10 +5,6 @@ an error, and a rebuild re-embeds the files replaced in place (size + mtime_ns) 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,24 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import dlip
 from dlip.data.synthetic import synthesize
 from dlip.inference.index import ImageIndex, build_index, list_images
 from dlip.inference.predictor import Predictor
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 QUERY = "a red circle"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return dlip.save(dlip.create_model("test_tiny"), tmp_path_factory.mktemp("m") / "model")
-
-
-@pytest.fixture(scope="module")
-def pred(model_dir) -> Predictor:
-    return Predictor.load(str(model_dir), device="cpu")
 
 
 def _indexed_copy(pred: Predictor, root: Path) -> ImageIndex:
@@ -72,46 +55,13 @@ def test_rerank_skips_and_counts_unreadable_files(pred, tmp_path, damage):
     assert len(plain) == 4 and plain.skipped == {}
 
 
-class Server:
-    """`python -m dlip serve` on a free port (as in tests/test_serve.py)."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        cmd = [sys.executable, "-m", "dlip", "serve", *args, "--port", str(port)]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [*cmd, "--log-level", "warning"], env=ENV, stdout=out, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text()
-            try:
-                if self.client.get("/api/info", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{log.read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def _no_server_path(response: httpx.Response, root: Path) -> None:
     assert response.status_code >= 400 and set(response.json()) == {"error"}, response.text
     for secret in (str(root), str(root.resolve()), "/tmp", os.sep + "images" + os.sep):
         assert secret not in response.text, response.text
 
 
-def test_serve_search_skips_missing_files_and_hides_paths(pred, model_dir, tmp_path):
+def test_serve_search_skips_missing_files_and_hides_paths(pred, model_dir, tmp_path, serve_process):
     index = _indexed_copy(pred, tmp_path)
     params = {"q": QUERY, "k": 4, "rerank": 6}
     victim = Path(pred.search(QUERY, index, k=4, rerank=6)[0].path)
@@ -121,19 +71,20 @@ def test_serve_search_skips_missing_files_and_hides_paths(pred, model_dir, tmp_p
     other.mkdir()  # a second bad entry: a folder where the file was
     want = pred.search(QUERY, index, k=4, rerank=6)
     assert len(want.skipped) == 2
-    server = Server(
+    server = serve_process(
         ["--model", str(model_dir), "--index", str(tmp_path / "index")], tmp_path / "log"
-    )
+    ).wait()
+    client = httpx.Client(base_url=server.url, timeout=120)
     try:
-        got = server.client.get("/api/search", params=params)
+        got = client.get("/api/search", params=params)
         assert got.status_code == 200, got.text
         body = got.json()
         assert [r["path"] for r in body["results"]] == [h.path for h in want]
         assert body["skipped"] == 2
         for path in (victim, other):
             i = index.paths.index(path.relative_to(index.meta["root"]).as_posix())
-            _no_server_path(server.client.get(f"/api/image/{i}"), tmp_path)
-        ok = server.client.get("/api/search", params={"q": QUERY})
+            _no_server_path(client.get(f"/api/image/{i}"), tmp_path)
+        ok = client.get("/api/search", params={"q": QUERY})
         assert ok.status_code == 200 and ok.json()["skipped"] == 0
     finally:
         server.stop()

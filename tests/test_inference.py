@@ -24,17 +24,6 @@ PHOTOS = sorted((Path(dlip.__file__).parent / "assets" / "photos").glob("*.jpg")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return dlip.save(dlip.create_model("test_tiny"), tmp_path_factory.mktemp("m") / "model")
-
-
-@pytest.fixture(scope="module")
-def pred(model_dir) -> Predictor:
-    return Predictor.load(str(model_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def image_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("imgs")
     synthesize(root, 12, image_size=32)

@@ -10,8 +10,6 @@ import http.client
 import io
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -28,7 +26,6 @@ from dlip.inference.index import ImageIndex, build_index
 from dlip.inference.predictor import Predictor
 from dlip.inference.serve import create_app
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 UPLOAD_LIMIT = 1024 * 1024  # the servers run with --max-upload-mb 1
 
 
@@ -36,41 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Server:
-    """`python -m dlip serve ...` on a free port; waits until /api/info answers."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "dlip", "serve", *args, "--port", str(self.port)]
-        cmd += ["--max-upload-mb", "1", "--log-level", "warning"]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT)
-
-    def wait(self, timeout: float = 120.0) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/api/info", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 class ThreadServer:
@@ -99,7 +61,7 @@ class ThreadServer:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, serve_process):
     root = tmp_path_factory.mktemp("serve")
     images = root / "images"
     synthesize(images, 12, image_size=32)
@@ -111,7 +73,10 @@ def world(tmp_path_factory):
         warnings.simplefilter("ignore")  # the preset's random-weights warning
         bare = create_app(Predictor.load("test_tiny", device="cpu"), None, UPLOAD_LIMIT)
     servers = [
-        Server(["--model", str(model_dir), "--index", str(root / "index")], root / "a.log"),
+        serve_process(
+            ["--model", str(model_dir), "--index", str(root / "index"), "--max-upload-mb", "1"],
+            root / "a.log",
+        ),
         ThreadServer(bare),  # a preset, no index
     ]
     try:
