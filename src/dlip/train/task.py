@@ -124,6 +124,7 @@ class PretrainTask(nn.Module):
         student = KDInputs(image=image)
         seen: dict[str, Any] = {}  # the student's fusion / decoder outputs, kept for KD
         terms: dict[str, Tensor] = {}
+        token_masks: dict[str, Tensor] = {}  # token-mean terms -> the tokens they average
         itm = None
         if self.use_itc:
             terms_c, itm = self._contrastive(batch, image, student, seen, alpha)
@@ -136,22 +137,32 @@ class PretrainTask(nn.Module):
                 return seen["lm_logits"]  # (B, T, V)
 
             lm = lm_loss(lm_fn, image.tokens, ids, mask, prompt_length=self.prompt_length)
-            lm_weight = _token_share(lm.mask)  # DDP averages ranks; the LM averages tokens
-            terms["loss_lm"] = lm.loss * lm_weight
+            terms["loss_lm"], token_masks["loss_lm"] = lm.loss, lm.mask
             student.decoder, student.lm_logits = seen["decoder"], seen["lm_logits"]
-        if self.teacher is None or not self.kd.enabled:
-            return terms
+        if self.teacher is not None and self.kd.enabled:
+            kd, kd_masks = self._distill(pixels, ids, mask, itm, student, seen)
+            terms.update(kd)
+            token_masks.update(kd_masks)
+        return _weighted_by_tokens(terms, token_masks)
+
+    def _distill(
+        self,
+        pixels: Tensor,
+        ids: Tensor,
+        mask: Tensor,
+        itm: Any,
+        student: KDInputs,
+        seen: dict[str, Any],
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The enabled KD terms against the teacher's passes on the same batch, and the token
+        masks of those that are token means (`distill.token_mask`)."""
         neg = (itm.neg_image_idx, itm.neg_text_idx) if itm is not None else (None, None)
         teacher = self._teacher_inputs(pixels, ids, mask, *neg)
         lm_mask = lm_kd_mask(mask, self.prompt_length)
         masks = KDMasks(text=mask, fusion=seen.get("fusion_mask"), decoder=mask, lm=lm_mask)
-        kd = distill_losses(student, teacher, a, self.kd, masks)
-        # token means (kd_lm, text/fusion/decoder hidden, attention and decoder states): the
-        # same cross-rank weighting as loss_lm
-        shares = _token_shares([token_mask(term, masks) for term in kd])
-        for (term, value), share in zip(list(kd.items()), shares, strict=True):
-            terms[term] = value if share is None else value * share
-        return terms
+        kd = distill_losses(student, teacher, self.adapters, self.kd, masks)
+        counted = {term: token_mask(term, masks) for term in kd}
+        return kd, {term: m for term, m in counted.items() if m is not None}
 
     def _contrastive(
         self,
@@ -228,30 +239,23 @@ class PretrainTask(nn.Module):
         return out
 
 
-def _token_share(counted: Tensor) -> Tensor:
-    """world * (this rank's counted tokens) / (all ranks' counted tokens); 1 in one process.
+def _weighted_by_tokens(
+    terms: dict[str, Tensor], token_masks: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Each token-mean term times world * (this rank's counted tokens) / (all ranks' counted
+    tokens), one all-reduce for all of them; unchanged in one process.
 
     A token-mean loss times this share, averaged over ranks by DDP, is the mean over every
     token of the global batch (not the mean of per-rank means, which weighs a rank's tokens
     by how few it has)."""
-    (share,) = _token_shares([counted])
-    assert share is not None
-    return share
-
-
-def _token_shares(masks: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """`_token_share` of each mask (None stays None), with one all-reduce for all of them."""
-    live = [m for m in masks if m is not None]
-    if not live:
-        return [None] * len(masks)
-    if not is_dist():
-        ones = iter([torch.ones((), device=m.device) for m in live])
-        return [None if m is None else next(ones) for m in masks]
-    local = torch.stack([m.sum().float() for m in live])  # (K,) real tokens per mask here
+    if not token_masks or not is_dist():
+        return terms
+    names = list(token_masks)
+    local = torch.stack([token_masks[n].sum().float() for n in names])  # (K,) tokens here
     total = local.clone()
     torch.distributed.all_reduce(total)
-    shares = iter(local * get_world_size() / total.clamp(min=1))
-    return [None if m is None else next(shares) for m in masks]
+    shares = local * get_world_size() / total.clamp(min=1)
+    return terms | {n: terms[n] * share for n, share in zip(names, shares, strict=True)}
 
 
 def _itc_features(image: Tensor, text: Tensor, temp: Tensor, with_grad: bool) -> ITCFeatures:
