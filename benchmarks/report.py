@@ -346,6 +346,23 @@ def gpu_itm(record: dict) -> str:
     return note + "\n\n" + table(header, rows)
 
 
+def thumbnail_memory(record: dict) -> str:
+    header = [
+        "clients",
+        "image",
+        "answers",
+        "server peak RSS idle",
+        "peak RSS after",
+        "all answered",
+    ]
+    row = [
+        str(record["clients"]), f"{record['megapixels']:.0f} MP PNG",
+        "/".join(str(s) for s in record["statuses"]), f"{record['peak_rss_gb_before']:.2f} GB",
+        f"{record['peak_rss_gb_after']:.2f} GB", f"{record['seconds_all_answered']:.1f} s",
+    ]  # fmt: skip
+    return table(header, [row])
+
+
 # region name -> (results file, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "size": ("model_size.json", size_tables),
@@ -364,6 +381,8 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "gpu_train_eager": ("gpu_train_eager.json", gpu_train),
     "gpu_train_compile": ("gpu_train_compile.json", gpu_train),
     "gpu_itm": ("gpu_itm.json", gpu_itm),
+    "thumbnail_memory": ("thumbnail_memory.json", thumbnail_memory),
+    "thumbnail_memory_before": ("thumbnail_memory_before.json", thumbnail_memory),
 }
 
 

@@ -4,7 +4,11 @@ an error, and a rebuild re-embeds the files replaced in place (size + mtime_ns) 
 
 from __future__ import annotations
 
+import io
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -138,3 +142,66 @@ def test_chunks_without_signatures_are_redone(pred, tmp_path):
     torch.testing.assert_close(
         ImageIndex.load(out).features, ImageIndex.load(tmp_path / "fresh").features
     )
+
+
+# ------------------------------------------------------------------------------- thumbnails
+def _counting_decoder(monkeypatch) -> dict:
+    """Wrap serve._make_thumbnail (the real decoder) to count calls and the most at once; each
+    call lingers 0.1 s so that requests arriving together really overlap."""
+    import dlip.inference.serve as serve_module
+
+    real = serve_module._make_thumbnail
+    stats = {"calls": 0, "running": 0, "most": 0}
+    guard = threading.Lock()
+
+    def counted(path: Path, max_pixels: int) -> bytes:
+        with guard:
+            stats["calls"] += 1
+            stats["running"] += 1
+            stats["most"] = max(stats["most"], stats["running"])
+        try:
+            time.sleep(0.1)
+            return real(path, max_pixels)
+        finally:
+            with guard:
+                stats["running"] -= 1
+
+    monkeypatch.setattr(serve_module, "_make_thumbnail", counted)
+    return stats
+
+
+def test_thumbnails_decode_each_image_once_and_one_at_a_time(pred, tmp_path, monkeypatch):
+    from dlip.inference.serve import Service
+
+    index = _indexed_copy(pred, tmp_path)
+    big = Path(index.path(0))
+    Image.new("RGB", (2400, 1800), "teal").save(big, format=Image.open(big).format)
+    service = Service(pred, index)
+    stats = _counting_decoder(monkeypatch)
+    with ThreadPoolExecutor(24) as pool:  # 24 requests for one image at the same moment
+        thumbs = list(pool.map(lambda _: service.thumbnail(0), range(24)))
+    assert stats["calls"] == 1 and len(set(thumbs)) == 1
+    assert Image.open(io.BytesIO(thumbs[0])).size == (256, 192)
+    with ThreadPoolExecutor(8) as pool:  # 8 different images: decoded one after another
+        list(pool.map(service.thumbnail, range(1, 9)))
+    assert stats["calls"] == 9 and stats["most"] == 1
+    assert service._pending == {}  # no per-image gate outlives its requests
+
+
+def test_a_thumbnail_follows_its_file_and_errors_are_cached(pred, tmp_path, monkeypatch):
+    from dlip.inference.serve import ApiError, Service
+
+    index = _indexed_copy(pred, tmp_path)
+    service = Service(pred, index)
+    stats = _counting_decoder(monkeypatch)
+    first = service.thumbnail(2)
+    assert service.thumbnail(2) == first and stats["calls"] == 1
+    path = Path(index.path(2))
+    _replace_image(path, "yellow", 48, mtime_ns=path.stat().st_mtime_ns + 10**9)
+    assert service.thumbnail(2) != first and stats["calls"] == 2  # replaced in place: re-made
+    path.write_bytes(b"not an image")
+    for _ in range(3):
+        with pytest.raises(ApiError) as err:
+            service.thumbnail(2)
+        assert err.value.status == 404 and "cannot be read" in str(err.value)
+    assert stats["calls"] == 3  # the error was cached too, until the file changes

@@ -28,7 +28,9 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_TEXT_CHARS = 1000
 MAX_K = 100
 THUMB_SIZE = 256
-THUMB_CACHE = 512
+THUMB_CACHE = 512  # thumbnails (~10-20 KB each) kept in memory
+THUMB_DECODERS = 1  # index images decoded for thumbnails at once
+THUMB_MAX_PIXELS = 64_000_000  # larger index images get no thumbnail (404)
 T = TypeVar("T")
 
 
@@ -94,8 +96,13 @@ class Service:
         if index is not None:
             for i in range(len(index.paths)):
                 self.positions.setdefault(index.path(i), i)
-        self._thumbs: OrderedDict[int, bytes] = OrderedDict()
-        self._thumb_lock = threading.Lock()
+        # i -> (file signature, JPEG bytes or the ApiError it gave), most recently used last
+        self._thumbs: OrderedDict[int, tuple[tuple[int, int], bytes | ApiError]] = OrderedDict()
+        self._thumb_lock = threading.Lock()  # guards _thumbs and _pending
+        self._pending: dict[int, list] = {}  # i -> [lock held while decoding i, requests using it]
+        # A 62 MP PNG is ~190 MB of pixels while it decodes (PNG has no reduced-scale draft):
+        # decodes run one at a time, whatever the number of requests.
+        self._decode_slots = threading.Semaphore(THUMB_DECODERS)
 
     def locked(self, fn: Callable[[], T]) -> T:
         with self.lock:
@@ -126,20 +133,64 @@ class Service:
         return out
 
     def thumbnail(self, i: int) -> bytes:
-        """JPEG thumbnail of index entry i (cached); never reads a path outside the index."""
+        """JPEG thumbnail of index entry i; never reads a path outside the index.
+
+        Each image is decoded once however many requests ask for it at the same moment (they
+        wait for the first one's result), the result (or its error) is cached until the file's
+        size or mtime changes, and at most THUMB_DECODERS decodes run at once."""
         if self.index is None or not 0 <= i < len(self.index.paths):
             raise ApiError(404, f"no image {i} in the index")
+        path = Path(self.index.path(i))
         with self._thumb_lock:
-            if i in self._thumbs:
-                self._thumbs.move_to_end(i)
-                return self._thumbs[i]
-        max_pixels = getattr(self.predictor, "max_pixels", None) or 64_000_000
-        data = _make_thumbnail(Path(self.index.path(i)), max_pixels)
+            gate = self._pending.setdefault(i, [threading.Lock(), 0])
+            gate[1] += 1  # requests holding or waiting for this gate
+        try:
+            with gate[0]:  # one decode of image i at a time; the others then find it cached
+                signature = _signature(path)
+                result = self._cached(i, signature)
+                if result is None:
+                    result = self._decode(path)
+                    self._store(i, signature, result)
+        finally:
+            with self._thumb_lock:
+                gate[1] -= 1
+                if gate[1] == 0:
+                    del self._pending[i]
+        if isinstance(result, ApiError):
+            raise result
+        return result
+
+    def _cached(self, i: int, signature: tuple[int, int]) -> bytes | ApiError | None:
         with self._thumb_lock:
-            self._thumbs[i] = data
+            entry = self._thumbs.get(i)
+            if entry is None or entry[0] != signature:
+                return None
+            self._thumbs.move_to_end(i)
+            return entry[1]
+
+    def _store(self, i: int, signature: tuple[int, int], result: bytes | ApiError) -> None:
+        with self._thumb_lock:
+            self._thumbs[i] = (signature, result)
+            self._thumbs.move_to_end(i)
             while len(self._thumbs) > THUMB_CACHE:
                 self._thumbs.popitem(last=False)
-        return data
+
+    def _decode(self, path: Path) -> bytes | ApiError:
+        max_pixels = getattr(self.predictor, "max_pixels", None) or THUMB_MAX_PIXELS
+        with self._decode_slots:
+            try:
+                return _make_thumbnail(path, min(max_pixels, THUMB_MAX_PIXELS))
+            except ApiError as err:
+                return err
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of an index file, (-1, -1) when it is gone: a replaced file is re-made."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _make_thumbnail(path: Path, max_pixels: int) -> bytes:
