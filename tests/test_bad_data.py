@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,106 @@ def test_images_are_read_upright_and_16_bit_pngs_keep_their_range(tmp_path):
         assert deep.max() == 255 and deep.min() == 0, read
         assert (deep == 255).mean() < 0.01, read  # was 99.6% white
         assert abs(int(deep[32, 32]) - round(int(ramp[32, 32]) * 255 / 65535)) <= 1, read
+
+
+# --------------------------------------------------------------- a third broken, every way
+def _truncated_jpeg(path: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "orange").save(buf, format="JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def _broken_images(root: Path) -> list[tuple[str, str]]:
+    """(image path relative to root, reason) for every way an image file fails to be read."""
+    root.mkdir(parents=True, exist_ok=True)
+    bad = {name: str(p.relative_to(root)) for name, p in _bad_paths(root).items()}
+    (root / "a_folder.jpg").mkdir()
+    (root / "garbage.jpg").write_bytes(b"\x00garbage, not an image")
+    (root / "empty.jpg").write_bytes(b"")
+    _truncated_jpeg(root / "truncated.jpg")
+    return [
+        ("gone.jpg", "missing_file"), (bad["missing_file"], "missing_file"),
+        ("a_folder.jpg", "missing_file"), (bad["unreadable_file"], "unreadable_file"),
+        ("x" * 300 + ".jpg", "unreadable_file"), (bad["too_large"], "too_large"),
+        ("garbage.jpg", "not_an_image"), ("empty.jpg", "empty_image"),
+        ("truncated.jpg", "truncated"),
+    ]  # fmt: skip
+
+
+BAD_CAPTIONS = [
+    (None, "bad_text"),
+    (5, "bad_text"),
+    ("...", "empty_caption"),
+    ("", "empty_caption"),
+]
+
+
+def _mix_broken(good: list[dict], root: Path, prefix: str) -> tuple[list[dict], Counter]:
+    """`good` rows interleaved with 13 broken ones (9 images under `root`, named `prefix` +
+    their path relative to it, and 4 captions), and the skips by reason they must give."""
+    broken, want = [], Counter()
+    for image, reason in _broken_images(root):
+        broken.append({**good[0], "image": prefix + image})
+        want[reason] += 1
+    for caption, reason in BAD_CAPTIONS:
+        broken.append({**good[1], "caption": caption})
+        want[reason] += 1
+    rows = list(good)
+    for j, row in enumerate(broken):  # spread evenly through the file
+        rows.insert(j + j * len(good) // len(broken), row)
+    return rows, want
+
+
+def _with_bad_byte(rows: list[dict], at: int) -> bytes:
+    """The rows as JSON lines with a copy of rows[0] at `at` whose caption holds a raw 0xE9
+    byte (latin-1 'é', not UTF-8), as a badly converted source file would have it."""
+    lines = [json.dumps(row).encode() for row in rows]
+    marked = json.dumps({**rows[0], "caption": "caf@ au lait"}).encode().replace(b"@", b"\xe9")
+    lines.insert(at, marked)
+    return b"\n".join(lines) + b"\n"
+
+
+def _skips_of(row: dict) -> Counter:
+    return Counter({k[len("skipped_") :]: v for k, v in row.items() if k.startswith("skipped_")})
+
+
+SMALL_RUN = {
+    "data.num_workers": 0, "data.hflip": "false", "data.rand_augment": "false",
+    "run.log_every": 1, "run.device": "cpu", "model.preset": "test_tiny",
+}  # fmt: skip
+
+
+def test_a_third_of_the_rows_broken_every_way_pretraining_and_finetuning_finish(tmp_path, capsys):
+    """One pass over data a third of which is broken in every way a sample can be: both
+    trainings finish, and each bad row is counted once, under its reason, in metrics.jsonl and
+    in the run's closing line."""
+    synth = tmp_path / "synth"
+    synthesize(synth, 32, seed=0, image_size=32, captions_per_image=1, n_val=2, n_test=2)
+    good = list(read_manifest(synth / "manifest.jsonl"))  # 28 rows, absolute image paths
+    rows, want = _mix_broken(good, tmp_path / "bad", f"{tmp_path / 'bad'}/")
+    (tmp_path / "broken.jsonl").write_bytes(_with_bad_byte(rows, at=5))
+    want["bad_text"] += 1  # 42 rows, 14 broken: 7 batches of 6 are one pass
+    run = {"run_dir": tmp_path / "pre", "max_steps": 7, "data.batch_size": 6, **SMALL_RUN}
+    run |= {"data.manifests": f"[{tmp_path / 'broken.jsonl'}]", "loss.queue_size": 12}
+    assert pretrain_main([f"{k}={v}" for k, v in run.items()]) == 0
+    logged = _rows(tmp_path / "pre")
+    assert [r["step"] for r in logged] == list(range(1, 8))
+    assert all(np.isfinite(r["loss"]) for r in logged)
+    assert _skips_of(logged[-1]) == want and logged[-1]["skipped"] == 14
+    closing = "samples skipped 14 (bad_text 3, empty_caption 2, empty_image 1, missing_file 3, "
+    closing += "not_an_image 1, too_large 1, truncated 1, unreadable_file 2) over the run"
+    printed = capsys.readouterr()
+    assert closing in printed.out
+    assert "skipped=14 (bad_text 3, missing_file 3, " in printed.err  # the progress line
+
+    train = json.loads((synth / "train.json").read_text())[:27]  # Karpathy style, relative
+    rows, want = _mix_broken(train, synth / "bad", "bad/")  # 40 rows, 13 broken
+    (synth / "broken_train.json").write_text(json.dumps(rows))
+    run = {"run_dir": tmp_path / "ft", "run.epochs": 1, "data.batch_size": 4, **SMALL_RUN}
+    run |= {"data.train": f"[{synth / 'broken_train.json'}]", "data.image_root": synth}
+    run |= {"data.val": synth / "val.json", "data.test": synth / "test.json"}
+    run |= {"loss.momentum_distill": "false", "eval.k_test": 2, "eval.batch_size": 4}
+    assert finetune_main(["retrieval", *(f"{k}={v}" for k, v in run.items()), "--no-test"]) == 0
+    steps = [r for r in _rows(tmp_path / "ft") if "loss" in r]
+    assert steps[-1]["step"] == 10 and _skips_of(steps[-1]) == want
+    assert "samples skipped 13 (" in capsys.readouterr().out

@@ -15,7 +15,13 @@ import pytest
 from PIL import Image
 
 from dlip.data import common
-from dlip.data.common import dedupe_key, read_manifest, repeated_positions, write_manifest
+from dlip.data.common import (
+    dedupe_key,
+    file_image_id,
+    read_manifest,
+    repeated_positions,
+    write_manifest,
+)
 from dlip.data.manifest import BuildReport, merge_manifests
 from dlip.data.shards import write_shards
 
@@ -160,7 +166,7 @@ def _merge_reference(paths: list[Path], leak: set[str]) -> tuple[list[dict], Cou
                 skipped["duplicate"] += 1
             else:
                 seen.add(dedupe_key(row))
-                out.append(row)
+                out.append({**row, "image_id": file_image_id(row)})
     return out, skipped
 
 

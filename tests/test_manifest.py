@@ -115,8 +115,9 @@ def test_vg_bad_input_is_a_clear_error(tmp_path):
         list(build_vg(tmp_path, report=BuildReport()))
     _jpg(tmp_path / "VG_100K" / "1.jpg", (10, 10))
     _dump(tmp_path / "region_descriptions.json", [{"id": 1, "regions": [{"phrase": "a b c"}]}])
-    with pytest.raises(ValueError, match=r"region_descriptions.json: image 1: region None"):
-        list(build_vg(tmp_path, report=BuildReport()))
+    report = BuildReport()  # a region without a box: counted, not an error
+    assert list(build_vg(tmp_path, report=report)) == []
+    assert report.skipped == {"bad_box": 1}
     (tmp_path / "region_descriptions.json").write_text('{"id": 1}')
     with pytest.raises(ValueError, match="expected a JSON list"):
         list(build_vg(tmp_path, report=BuildReport()))
@@ -319,7 +320,9 @@ def test_merge_dedupes_and_drops_karpathy_eval_images(coco, tmp_path):
     assert merged.skipped == {"karpathy_eval": 11, "duplicate": 2}
     assert merged.kept == {"coco": 2, "mscoco": 1, "vg": 2}
     ids = [r["image_id"] for r in read_manifest(out)]
-    assert ids == ["coco_328757", "coco_9", "mscoco_000000002", "vg_1", "vg_2"]
+    # Public COCO ids kept; the others become the file's own (`file_image_id`: stem@digest).
+    assert ids[:2] == ["coco_328757", "coco_9"]
+    assert [i.split("@")[0] for i in ids[2:]] == ["000000000009", "1", "2"]
     assert merged.summary().splitlines() == [
         "kept 5 (coco 2, mscoco 1, vg 2)",
         "skipped 13 (duplicate 2, karpathy_eval 11)",

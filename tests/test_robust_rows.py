@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dlip.cli import main
-from dlip.data.common import read_manifest
+from dlip.data.common import file_image_id, read_manifest
 from dlip.data.manifest import BuildReport, build_img2dataset, export_json, merge_manifests
 
 
@@ -58,7 +58,10 @@ def test_merge_cli_counts_bad_rows_and_writes_the_rest(tmp_path, capsys):
     out = tmp_path / "all.jsonl"
     assert main(["data", "merge", str(src), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert [r["image_id"] for r in read_manifest(out)] == ["web_0", "web_14"]
+    kept = list(read_manifest(out))
+    assert [r["image_id"] for r in kept] == [file_image_id(r) for r in kept]  # ids name files
+    assert [r["image_id"].split("@")[0] for r in kept] == [Path(r["image"]).stem for r in kept]
+    assert len({r["image_id"] for r in kept}) == 2
     assert "wrote 2 rows" in printed
     assert "skipped 13 (bad_text 4, empty_caption 2, malformed_row 7)" in printed
     assert f"{src}:10:" in printed  # the unparseable line is named

@@ -43,7 +43,14 @@ REASONS = (
     "karpathy_eval",  # image in a Karpathy val/test split (leakage guard)
     "bad_shard",  # a tar shard that cannot be opened or read to the end
     "malformed_row",  # a source row (e.g. a CSV line) that cannot be parsed
+    "outside_root",  # an image name that is absolute or leads out of the image root
+    "bad_box",  # a region box that is not finite numbers with positive width and height
 )
+
+
+# Image ids that name a public picture (`karpathy.image_id_for`), not a file: two copies of one
+# COCO image share one, and the leakage guard (`karpathy.eval_key`) matches on them.
+PUBLIC_ID_PREFIXES = ("coco_", "flickr30k_")
 
 
 class BadSample(Exception):
@@ -107,6 +114,92 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS)
         return decode_rgb(data, max_pixels)
     except ImageError as err:
         raise BadSample(err.reason, err.detail) from None
+
+
+def under_root(root: str | Path, name: str) -> str:
+    """The absolute path of `name` inside `root`, else BadSample("outside_root").
+
+    An annotation file names images relative to the root; an absolute name or one whose `..`
+    leads out of the root would read any file on the machine, so it is refused. The check is
+    on the normalised path, not the resolved one: a root that holds symlinks to the real
+    images (a common way to lay out a dataset) still works.
+    """
+    base = os.path.abspath(root)
+    if os.path.isabs(name) or Path(name).drive:
+        raise BadSample("outside_root", name)
+    path = os.path.normpath(os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base:
+        raise BadSample("outside_root", name)
+    return path
+
+
+class ImageCheck:
+    """Whether image files decode (`decode_image`), once per file: COCO has 5 captions an image.
+
+    Calling it returns None for a good image, else the skip reason; results are cached.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str | None] = {}
+
+    def __call__(self, path: str) -> str | None:
+        if path not in self._seen:
+            try:
+                decode_image(path)
+                self._seen[path] = None
+            except BadSample as bad:
+                self._seen[path] = bad.reason
+        return self._seen[path]
+
+
+class ImageIds:
+    """Image ids that identify the image across merged manifests (retrieval and ITC treat rows
+    with one image_id as the same picture: a shared id between two pictures makes false
+    positives; two ids for one file, missed ones).
+
+    The first id met for an image file is that file's id from then on; an id already given to
+    another file gets `@` and a digest of this file's path appended (`web_0@3f2a9c1b7d4e`), so
+    manifests whose ids collide (two that both count from 0) stay apart. Public ids
+    (PUBLIC_ID_PREFIXES: `coco_N`, `flickr30k_N`) name the picture, not the file:
+    copies of one COCO image keep sharing theirs (the leakage guard matches on it). Memory:
+    about 200 bytes per distinct image (a 16-byte path digest and the id).
+    """
+
+    def __init__(self) -> None:
+        self._by_path: dict[bytes, str] = {}
+        self._used: set[str] = set()
+
+    def __call__(self, row: dict[str, str]) -> dict[str, str]:
+        """The row with its image's id (a new dict only when the id changes)."""
+        digest = hashlib.blake2b(row["image"].encode("utf-8"), digest_size=16).digest()
+        image_id = self._by_path.get(digest)
+        if image_id is None:
+            image_id = row["image_id"]
+            if image_id in self._used and not image_id.startswith(PUBLIC_ID_PREFIXES):
+                image_id = f"{image_id}@{digest.hex()[:12]}"
+                if image_id in self._used:  # only if an input already holds this very id
+                    image_id = f"{row['image_id']}@{digest.hex()}"
+            self._by_path[digest] = image_id
+            self._used.add(image_id)
+        return row if image_id == row["image_id"] else {**row, "image_id": image_id}
+
+
+def file_image_id(row: dict[str, str]) -> str:
+    """An image id that names the row's image file, whatever manifest the row came from.
+
+    `<stem>@<16 hex digits of the path's blake2b>`: the same file always gets the same id, two
+    files practically never one (64 bits: ~3e-4 expected collisions among 1e8 images), and it
+    costs no memory, unlike a table of every image seen (a merge of 100M images would need
+    ~20 GB for one). Public ids (`coco_N`, `flickr30k_N`) name the picture, not the file, and
+    are kept: copies of one COCO image share theirs and the leakage guard matches on them.
+    Applying it twice changes nothing.
+    """
+    image_id = str(row["image_id"])
+    if image_id.startswith(PUBLIC_ID_PREFIXES):
+        return image_id
+    image = row["image"]
+    digest = hashlib.blake2b(image.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+    return f"{Path(image).stem[:40]}@{digest}"
 
 
 def read_manifest(path: str | Path) -> Iterator[dict[str, str]]:

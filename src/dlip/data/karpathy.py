@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dlip.data.common import BadSample, check_caption
+from dlip.data.common import (
+    PUBLIC_ID_PREFIXES,
+    BadSample,
+    ImageCheck,
+    ImageIds,
+    check_caption,
+    under_root,
+)
 
 if TYPE_CHECKING:  # manifest.py imports this module; the report type is only an annotation
     from dlip.data.manifest import BuildReport
@@ -109,8 +116,8 @@ def _checked(path: Path, i: int, entry: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{path}: entry {i} lacks 'image' or 'caption': {entry!r:.200}")
     if not isinstance(entry["image"], str):
         raise ValueError(f"{path}: entry {i}: 'image' must be a string")
-    if not isinstance(entry["caption"], (str, list)):
-        raise ValueError(f"{path}: entry {i}: 'caption' must be a string or a list")
+    # A caption that is not a string (null, a number) is left to `check_caption`: a counted
+    # bad_text skip in training rows, an error naming it in an evaluation split.
     return entry
 
 
@@ -157,16 +164,10 @@ def _join(root: str | Path | None, image: str) -> str:
     return os.path.abspath(os.path.join(root, image) if root is not None else image)
 
 
-class _FileCheck:
-    """Existence of image files, cached: every image appears five times or more."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, bool] = {}
-
-    def __call__(self, path: str) -> bool:
-        if path not in self._seen:
-            self._seen[path] = os.path.isfile(path)
-        return self._seen[path]
+def _image_path(root: str | Path | None, image: str) -> str:
+    """The absolute path of an annotation's image; BadSample("outside_root") if it escapes
+    `root` (absolute, or `..` out of it). Without a root the name is used as it is."""
+    return under_root(root, image) if root is not None else os.path.abspath(image)
 
 
 def build_karpathy(
@@ -176,31 +177,44 @@ def build_karpathy(
     report: BuildReport,
     dataset: str | None = None,
     check_files: bool = True,
+    check_captions: bool = True,
 ) -> Iterator[dict[str, str]]:
     """Manifest rows of a Karpathy JSON (any split): one row per caption, absolute image path.
 
     Relative paths are joined to `image_root`; `dataset` ('coco'/'flickr30k') is detected from
     the paths when not given; other sets in the same schema (e.g. `dlip data synth`) keep their
-    own image ids and get the source "karpathy". Empty captions and (with `check_files`) missing
-    images are skipped and counted in `report.skipped`.
+    own image ids and get the source "karpathy". Skipped and counted in `report.skipped`, one
+    count per caption row left out: empty captions, image names outside `image_root`
+    (`outside_root`), and with `check_files` images that do not fully decode (`missing_file`,
+    `empty_image`, `truncated`, ...: `common.decode_image`, once per image). Training passes
+    `check_files=False, check_captions=False`: its loader checks each sample as it reads it
+    and counts the bad ones in the run's metrics.
     """
     counts = report.skipped
-    exists = _FileCheck()
+    check = ImageCheck()
+    image_ids = ImageIds()  # an own id (or stem) given to two files must not join them
     for i, entry in enumerate(iter_entries(path)):
         dataset, image_id = _any_entry_id(path, i, entry, dataset)
         source = dataset or "karpathy"
-        image = _join(image_root, entry["image"])
         captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-        if check_files and not exists(image):
-            counts.add("missing_file", len(captions))
+        try:
+            image = _image_path(image_root, entry["image"])
+        except BadSample as bad:
+            counts.add(bad.reason, len(captions))
+            continue
+        bad_image = check(image) if check_files else None
+        if bad_image is not None:
+            counts.add(bad_image, len(captions))
             continue
         for caption in captions:
-            try:
-                caption = check_caption(caption).strip()
-            except BadSample as bad:
-                counts.add(bad.reason)
-                continue
-            yield {"image": image, "caption": caption, "source": source, "image_id": image_id}
+            if check_captions:
+                try:
+                    caption = check_caption(caption).strip()
+                except BadSample as bad:
+                    counts.add(bad.reason)
+                    continue
+            row = {"image": image, "caption": caption, "source": source, "image_id": image_id}
+            yield image_ids(row)
 
 
 def eval_image_ids(paths: Iterable[str | Path]) -> set[str]:
@@ -228,7 +242,7 @@ def eval_key(row: dict[str, str]) -> str | None:
     row's `url` (in-memory rows from build_img2dataset) or `image`.
     """
     image_id = row["image_id"]
-    if image_id.startswith(("coco_", "flickr30k_")):
+    if image_id.startswith(PUBLIC_ID_PREFIXES):
         return image_id
     for text in (row.get("url") or "", row["image"]):
         coco_id = coco_id_from_name(text)
@@ -276,7 +290,12 @@ def load_eval_set(
         if not isinstance(entry["caption"], list):
             raise ValueError(f"{path}: entry {i}: 'caption' must be a list in a val/test split")
         dataset, image_id = _any_entry_id(path, i, entry, dataset)
-        out.images.append(_join(image_root, entry["image"]))
+        try:
+            out.images.append(_image_path(image_root, entry["image"]))
+        except BadSample:
+            raise ValueError(
+                f"{path}: entry {i}: image {entry['image']!r} is outside the image root"
+            ) from None
         out.image_ids.append(image_id)
         out.img2txt.append([])
         for caption in entry["caption"]:
@@ -337,7 +356,8 @@ def build_flickr30k_csv(
 
     `image_dir` is the folder of jpgs, or Kaggle's `flickr30k_images/` that nests it.
     Unparseable rows count as `malformed_row`, undecodable bytes as `bad_text`, empty comments
-    as `empty_caption`, absent images (with `check_files`) as `missing_file`.
+    as `empty_caption`, names outside `image_dir` as `outside_root`, and (with `check_files`)
+    images that do not fully decode by their reason (`missing_file`, `truncated`, ...).
     """
     counts = report.skipped
     csv_path, image_dir = Path(csv_path), Path(image_dir)
@@ -348,7 +368,7 @@ def build_flickr30k_csv(
                 f"{csv_path}: header {header.strip()!r} is not {'|'.join(_CSV_HEADER)}"
             )
         root: Path | None = None
-        exists = _FileCheck()
+        check = ImageCheck()
         for raw in f:
             if not raw.strip():
                 continue
@@ -363,11 +383,16 @@ def build_flickr30k_csv(
                 continue
             name, _, comment = parsed
             root = root or _flickr_image_dir(image_dir, name)
-            image = os.path.abspath(root / name)
+            try:
+                image = under_root(root, name)
+            except BadSample as bad:
+                counts.add(bad.reason)
+                continue
+            bad_image = check(image) if check_files and comment.strip() else None
             if not comment.strip():
                 counts.add("empty_caption")
-            elif check_files and not exists(image):
-                counts.add("missing_file")
+            elif bad_image is not None:
+                counts.add(bad_image)
             else:
                 yield {
                     "image": image,

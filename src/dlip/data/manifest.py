@@ -16,16 +16,7 @@ source; `merge_manifests` joins manifests, drops duplicates and Karpathy val/tes
   `dlip data shard`, eval) opens plain paths and can shuffle globally; at tens of millions of
   images, train on shards instead. `image_id` is `<source>_<key>` (`cc3m_000000015`), or
   `coco_<id>` when the URL names a COCO image, so the leakage guard sees it after the URL is gone.
-- **Visual Genome** (`build_vg`): `region_descriptions.json`, a list of `{"id", "regions":
-  [{"region_id", "image_id", "phrase", "x", "y", "width", "height"}]}`; images are found in
-  `VG_100K/` or `VG_100K_2/` (nothing is moved); sizes come from `image_data.json` if present,
-  else from each image header (no decode). **Filter** (a region phrase stands for the whole
-  image, so it must describe a large part of it): keep a phrase with at least `min_words`
-  words (default 3) whose box, clipped to the image, covers at least `min_area_frac` (default
-  0.1) of the real image area; per image keep identical phrases (case, spacing and final period
-  ignored) once, as `duplicate` otherwise, and at most `max_per_image` (default 10), largest
-  regions first. Filtered phrases go to `BuildReport.filtered`, not to the bad-sample counts; a
-  missing image counts once per image as `missing_file`. `image_id` is `vg_<id>`.
+- **Visual Genome** (`build_vg`): region descriptions as whole-image captions; see `vg.py`.
 - **Karpathy JSONs** of COCO and Flickr30K (`build_karpathy`) and the Flickr30K Kaggle
   `results.csv` (`build_flickr30k_csv`): see `karpathy.py`, which defines both.
 """
@@ -34,7 +25,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +36,17 @@ from dlip.data.common import (
     decode_image,
     dedupe_key,
     dedupe_max_keys,
+    file_image_id,
     repeated_positions,
     write_manifest,
 )
 from dlip.data.karpathy import build_flickr30k_csv as build_flickr30k_csv  # re-exported
 from dlip.data.karpathy import build_karpathy as build_karpathy  # re-exported
-from dlip.data.karpathy import coco_id_from_name, eval_image_ids, eval_key, iter_json_array
+from dlip.data.karpathy import coco_id_from_name, eval_image_ids, eval_key
 from dlip.data.rows import BuildReport as BuildReport  # re-exported
 from dlip.data.rows import checked_rows, parse_object
 from dlip.data.rows import export_json as export_json  # re-exported
+from dlip.data.vg import build_vg as build_vg  # re-exported
 
 Row = dict[str, str]
 
@@ -281,137 +274,6 @@ def build_img2dataset(
             report.notes.append(f"{folder}: shard {shard} has no {fmt} file")
 
 
-# ---------------------------------------------------------------------------- Visual Genome
-
-
-def _vg_images(root: Path) -> dict[int, Path]:
-    """VG image id -> file, from VG_100K and VG_100K_2 (one directory listing each)."""
-    index: dict[int, Path] = {}
-    folders = [root / d for d in ("VG_100K", "VG_100K_2") if (root / d).is_dir()]
-    if not folders:
-        raise FileNotFoundError(f"{root}: neither VG_100K/ nor VG_100K_2/ exists")
-    for folder in folders:
-        for name in os.listdir(folder):
-            stem, _, ext = name.partition(".")
-            if stem.isdigit() and ext.lower() == "jpg":
-                index.setdefault(int(stem), folder / name)
-    return index
-
-
-def _vg_image_data(root: Path) -> dict[int, dict[str, Any]]:
-    """image id -> {width, height, coco_id} from image_data.json, or {} if it is absent."""
-    path = root / "image_data.json"
-    if not path.is_file():
-        return {}
-    info = {}
-    for n, d in enumerate(iter_json_array(path)):
-        if d.get("image_id", d.get("id")) is None:
-            raise ValueError(f"{path}: item {n} has no 'image_id'")
-        info[int(d.get("image_id", d.get("id")))] = d
-    return info
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding pixels."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Image.UnidentifiedImageError as err:
-        raise BadSample("not_an_image", str(err)) from None
-    except OSError as err:
-        raise BadSample("truncated", str(err)) from None
-    if w * h == 0:
-        raise BadSample("empty_image", f"{w}x{h}")
-    return w, h
-
-
-def _select_phrases(
-    regions: list[dict[str, Any]], size: tuple[int, int], cfg: dict[str, Any], report: BuildReport
-) -> list[str]:
-    """The phrases of one image that pass the VG filter (module docstring), largest first."""
-    w, h = size
-    scored: list[tuple[float, str]] = []
-    for region in regions:
-        try:
-            phrase = " ".join(check_caption(region.get("phrase")).split())
-        except BadSample as bad:
-            report.skipped.add(bad.reason)
-            continue
-        if len(phrase.split()) < cfg["min_words"]:
-            report.filtered["vg_short_phrase"] += 1
-            continue
-        try:
-            x, y, rw, rh = (float(region[k]) for k in ("x", "y", "width", "height"))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"region {region.get('region_id')}: bad x/y/width/height") from None
-        x0, y0, x1, y1 = max(0, x), max(0, y), min(w, x + rw), min(h, y + rh)  # boxes overhang
-        area = max(0, x1 - x0) * max(0, y1 - y0) / (w * h)
-        if area < cfg["min_area_frac"]:
-            report.filtered["vg_small_region"] += 1
-            continue
-        scored.append((area, phrase))
-    scored.sort(key=lambda t: -t[0])  # stable: ties keep file order
-    kept: dict[str, str] = {}
-    for _, phrase in scored:
-        key = phrase.lower().rstrip(" .")  # phrase spacing is already normalised
-        if key in kept:
-            report.skipped.add("duplicate")
-        elif len(kept) >= cfg["max_per_image"]:
-            report.filtered["vg_per_image_cap"] += 1
-        else:
-            kept[key] = phrase
-    return list(kept.values())
-
-
-def build_vg(
-    root: str | Path,
-    *,
-    report: BuildReport,
-    min_words: int = 3,
-    min_area_frac: float = 0.1,
-    max_per_image: int = 10,
-    exclude_image_ids: Collection[str] = (),
-) -> Iterator[Row]:
-    """Rows of Visual Genome: filtered region phrases paired with their whole image.
-
-    `root` holds region_descriptions.json, VG_100K/ and/or VG_100K_2/, optionally
-    image_data.json. The filter and its thresholds are described in the module docstring.
-    `exclude_image_ids` (e.g. `karpathy.eval_image_ids(...)`) drops VG images whose
-    image_data.json `coco_id` is a Karpathy val/test COCO image, counted as `karpathy_eval`.
-    """
-    root = Path(root)
-    regions_file = root / "region_descriptions.json"
-    if not regions_file.is_file():
-        raise FileNotFoundError(f"{regions_file} not found")
-    cfg = {"min_words": min_words, "min_area_frac": min_area_frac, "max_per_image": max_per_image}
-    images, info = _vg_images(root.resolve()), _vg_image_data(root)
-    for n, item in enumerate(iter_json_array(regions_file)):
-        if "regions" not in item or ("id" not in item and "image_id" not in item):
-            raise ValueError(f"{regions_file}: item {n} lacks 'id' or 'regions'")
-        vg_id = int(item.get("id", item.get("image_id")))
-        meta = info.get(vg_id, {})
-        if meta.get("coco_id") and f"coco_{meta['coco_id']}" in exclude_image_ids:
-            report.skipped.add("karpathy_eval")
-            continue
-        path = images.get(vg_id)
-        if path is None:
-            report.skipped.add("missing_file")
-            continue
-        try:
-            size = (meta["width"], meta["height"]) if "width" in meta else _image_size(path)
-        except BadSample as bad:
-            report.skipped.add(bad.reason)
-            continue
-        try:
-            phrases = _select_phrases(item["regions"], size, cfg, report)
-        except ValueError as err:
-            raise ValueError(f"{regions_file}: image {vg_id}: {err}") from None
-        for phrase in phrases:
-            yield {"image": str(path), "caption": phrase, "source": "vg", "image_id": f"vg_{vg_id}"}
-
-
 # ---------------------------------------------------------------------------- merge / export
 
 
@@ -428,9 +290,12 @@ def merge_manifests(
 
     Duplicates share `dedupe_key` (image path and caption, case and spacing ignored); the first
     wins. `exclude_karpathy` lists Karpathy val/test JSONs: every row showing one of their
-    images (see `eval_key`) is dropped as `karpathy_eval`. Dedupe reads the manifests twice
-    (`repeated_positions`): memory is `dedupe_mib` MiB (64 bytes a row held; more rows spill to
-    `tmp_dir`, 24 bytes a row) + 8 bytes a duplicate, whatever the row count.
+    images (see `eval_key`) is dropped as `karpathy_eval`. Kept rows get ids that identify
+    their image file across manifests (`common.file_image_id`: one id per file, never one id
+    for two, no memory).
+    Dedupe reads the manifests twice (`repeated_positions`): memory is `dedupe_mib` MiB (64
+    bytes a row held; more rows spill to `tmp_dir`, 24 bytes a row) + 8 bytes a duplicate,
+    whatever the row count.
     """
     leak = eval_image_ids(exclude_karpathy) if exclude_karpathy else set()
     paths = list(paths)  # read twice; bad rows (`checked_rows`) are counted on the second pass
@@ -452,4 +317,5 @@ def merge_manifests(
             report.skipped.add("duplicate")
             repeat = next(repeats, -1)
         else:
-            yield row
+            image_id = file_image_id(row)  # ids of two manifests may collide (both from 0)
+            yield row if image_id == row["image_id"] else {**row, "image_id": image_id}

@@ -245,7 +245,7 @@ class Run:
     run_id: str = ""  # names the run's checkpoints (rotation touches only these)
     scaler: torch.amp.GradScaler | None = None  # loss scaling under fp16 (disabled otherwise)
     skips: SkipCounts = field(default_factory=SkipCounts)  # this rank's skipped samples
-    shown_skips: int = 0  # all ranks' skipped samples at the last log (the progress line)
+    shown_skips: dict[str, int] = field(default_factory=dict)  # all ranks', at the last log
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -296,6 +296,9 @@ def _run_locked(r: Run, mode: str | None) -> Path:
         train_epochs(r, logger)
     finally:
         logger.close()
+    skipped = SkipCounts(skip_totals(r.skips, r.device))  # every rank: a collective
+    if is_main_process():
+        print(f"samples {skipped.summary()} over the run (by reason)", flush=True)
     final = r.run_dir / "final"
     if is_main_process():
         from dlip.models.io import save
@@ -404,7 +407,7 @@ def train_epochs(r: Run, logger: MetricsLogger) -> None:
                 if r.step % cfg.run.log_every == 0 or r.step == r.total_steps:
                     skipped = skip_totals(r.skips, r.device)  # every rank, same steps
                     logger.log(r.step, metrics | skip_metrics(skipped))
-                    r.shown_skips = sum(skipped.values())
+                    r.shown_skips = skipped
                 bar.update(1)
                 remaining = r.total_steps - r.step
                 bar.set_postfix(progress_postfix(metrics["loss"], speed, remaining, r.shown_skips))
