@@ -177,7 +177,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path):
     synthesize(tmp_path / "a", seed=7, **kw)
     synthesize(tmp_path / "b", seed=7, **kw)
     first, second = _digests(tmp_path / "a"), _digests(tmp_path / "b")
-    assert len(first) == 35 and first.keys() == second.keys()
+    assert len(first) == 36 and first.keys() == second.keys()
     # manifests hold absolute paths, so they differ by the folder name only
     assert {k for k in first if first[k] != second[k]} == {"manifest.jsonl"}
     manifest_b = (tmp_path / "b" / "manifest.jsonl").read_text().replace("/b/", "/a/")
@@ -187,7 +187,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path):
     synthesize(tmp_path / "c", seed=8, **kw)
     other = _digests(tmp_path / "c")
     changed = [k for k in first if first[k] != other[k]]
-    assert len(changed) >= 34  # every image and annotation file, not just a few
+    assert len(changed) >= 35  # every image and annotation file (and synth.json), not a few
     assert (tmp_path / "a" / "test.json").read_text() != (tmp_path / "c" / "test.json").read_text()
 
 

@@ -173,7 +173,7 @@ def test_section_given_a_scalar():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("optim.lr=abc", "optim.lr='abc' is not a float"),
+        ("optim.lr=abc", "optim.lr='abc' is not a finite number"),
         ("data.batch_size=2.5", "data.batch_size=2.5 is not an int"),
         ("data.hflip=1", "data.hflip=1 is not a bool"),
         ("run.max_steps=ten", "run.max_steps='ten' is not an int or null"),

@@ -16,6 +16,7 @@ what spans fields. The model's JSON configs (dlip.models.config) use `type_ok` a
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -214,7 +215,8 @@ def describe(tp: Any) -> str:
         return f"a list of {len(args)} ({', '.join(describe(a) for a in args)})"
     if origin in (list, Sequence):
         return f"a list of {describe(args[0])}"
-    names = {type(None): "null", bool: "a bool", int: "an int", float: "a float", str: "a str"}
+    names = {type(None): "null", bool: "a bool", int: "an int", float: "a finite number"}
+    names[str] = "a str"
     return names.get(tp, "anything" if tp is Any else getattr(tp, "__name__", str(tp)))
 
 
@@ -260,8 +262,9 @@ def check_keys(cls: type, data: Any, source: str) -> None:
 
 def type_ok(tp: Any, value: Any) -> bool:
     """`value` is of the annotated type `tp`: exact (a bool is not an int, "768" is not an
-    int), ints accepted for floats; unions, Literal, tuples (fixed or variadic), lists /
-    Sequences, dicts / Mappings, None and Any. Shared by model and run configs."""
+    int), ints accepted for floats, inf and nan are not floats; unions, Literal, tuples (fixed
+    or variadic), lists / Sequences, dicts / Mappings, None and Any. Shared by model and run
+    configs."""
     if tp is Any:
         return True
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -289,6 +292,10 @@ def type_ok(tp: Any, value: Any) -> bool:
         return isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # inf / nan (yaml `.inf`, `.nan`) mean nothing as a setting here
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     return isinstance(value, tp)
+
+
+def _finite(value: int | float) -> bool:
+    return isinstance(value, int) or math.isfinite(value)

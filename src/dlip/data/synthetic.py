@@ -36,6 +36,7 @@ Output of `synthesize`, in the BLIP/LAVIS Karpathy schemas with `out_dir` as the
     val.json, test.json           [{"image", "caption": [5 captions]}] one per image
     manifest.jsonl                the train split as manifest rows (absolute paths, source "synth")
     scenes.jsonl                  every image's scene record (objects, positions, relation)
+    synth.json                    the arguments it was built with (a reused set is checked)
 
 Everything is a function of the seed: a rerun writes the same bytes.
 """
@@ -90,6 +91,7 @@ SUFFIXES = (", and {}", " and {}", ", plus {}", " and also {}")
 EVAL_CAPTIONS = 5  # captions per val/test image, as in the Karpathy COCO/Flickr splits
 MIN_EVAL_IMAGES = 5  # default floor for the val and test splits
 ANNOTATION_FILES = ("train.json", "val.json", "test.json", "manifest.jsonl", "scenes.jsonl")
+SETTINGS_FILE = "synth.json"  # the arguments a set was built with
 
 FAR_GAP, ALIGN = 0.12, 0.5  # directional relations: min gap along the axis, max across/along
 NEAR_GAP = (0.02, 0.06)  # "next to": gap between bounding circles
@@ -442,6 +444,10 @@ def synthesize(
     sizes = _split_sizes(n_images, n_val, n_test)
     _check_args(seed, image_size, captions_per_image, contrast, max_objects, image_format)
     _prepare_out_dir(out_dir, overwrite)
+    (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # written again last-but-one, when done
+    settings = {"n_images": n_images, "seed": seed, "image_size": image_size, "n_val": n_val,
+                "n_test": n_test, "captions_per_image": captions_per_image, "contrast": contrast,
+                "max_objects": max_objects, "image_format": image_format}  # fmt: skip
     width = max(6, len(str(n_images - 1)))
     records, train, evals = [], [], {"val": [], "test": []}
     idx = 0
@@ -466,7 +472,7 @@ def synthesize(
     for path in (out_dir / "images").glob("synth_*.*"):  # images of an earlier, larger run
         if path.suffix in (".jpg", ".png") and path.name not in keep:
             path.unlink()
-    files = _write_annotations(out_dir, records, train, evals)
+    files = _write_annotations(out_dir, records, train, evals, settings)
     return SynthReport(
         out_dir=out_dir,
         images=dict(sizes),
@@ -475,21 +481,14 @@ def synthesize(
     )
 
 
-def synthesize_once(out_dir: Path | str, n_images: int, seed: int, image_size: int) -> Path:
-    """`synthesize` into `out_dir` unless a complete set is there (its manifest.jsonl, written
-    last); under torch.distributed rank 0 builds and every rank waits. Returns `out_dir`."""
-    from dlip.distributed import barrier, is_main_process
-
-    out = Path(out_dir)
-    if is_main_process() and not (out / "manifest.jsonl").is_file():
-        synthesize(out, n_images, seed=seed, image_size=image_size, overwrite=True)
-    barrier()
-    return out
-
-
 def _write_annotations(
-    out_dir: Path, records: list[dict], train: list[dict], evals: dict[str, list[dict]]
+    out_dir: Path,
+    records: list[dict],
+    train: list[dict],
+    evals: dict[str, list[dict]],
+    settings: dict,
 ) -> tuple[Path, ...]:
+    atomic_write_text(out_dir / SETTINGS_FILE, json.dumps(settings, indent=1))  # reuse checks
     splits = (train, evals["val"], evals["test"])
     for name, anns in zip(("train.json", "val.json", "test.json"), splits, strict=True):
         atomic_write_text(out_dir / name, json.dumps(anns, ensure_ascii=False))

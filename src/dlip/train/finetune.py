@@ -103,7 +103,7 @@ def train_rows(cfg: FinetuneConfig) -> list[dict[str, Any]]:
 def build_loader(cfg: FinetuneConfig, model_config: Any) -> DataLoader:
     from dlip.data.datasets import CaptionTrainDataset, RetrievalTrainDataset
     from dlip.data.loader import make_loader
-    from dlip.data.synthetic import synthesize_once
+    from dlip.data.synthdir import synthesize_once
     from dlip.transforms import train_transform
 
     d = cfg.data

@@ -62,7 +62,7 @@ def build_loader(cfg: PretrainConfig, image_config: ModelConfig) -> DataLoader:
     d = cfg.data
     entries = list(d.manifests)  # strings: Path() would fold the // of a URL
     if d.synth_dir is not None:
-        from dlip.data.synthetic import synthesize_once
+        from dlip.data.synthdir import synthesize_once
 
         size = image_config.vision.image_size
         synth = synthesize_once(d.synth_dir, d.synth_images, cfg.run.seed, size)
