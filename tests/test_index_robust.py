@@ -5,6 +5,7 @@ an error, and a rebuild re-embeds the files replaced in place (size + mtime_ns) 
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
 import time
@@ -57,6 +58,20 @@ def test_rerank_skips_and_counts_unreadable_files(pred, tmp_path, damage):
     assert [h.path for h in hits][:3] == kept  # the others keep their order and scores
     plain = pred.search(QUERY, index, k=4)  # without re-ranking no file is read
     assert len(plain) == 4 and plain.skipped == {}
+
+
+def test_search_cli_names_the_files_it_skipped(pred, model_dir, tmp_path, capsys):
+    from dlip.cli import main
+
+    index = _indexed_copy(pred, tmp_path)
+    victim = Path(pred.search(QUERY, index, k=3, rerank=5)[0].path)
+    victim.unlink()
+    argv = ["search", str(tmp_path / "index"), QUERY, "-k", "3", "--rerank", "5"]
+    assert main([*argv, "--model", str(model_dir), "--json"]) == 0
+    printed = capsys.readouterr()
+    assert len(json.loads(printed.out)) == 3
+    assert "skipped 1 unreadable index files" in printed.err
+    assert f"{victim.as_posix()}: missing_file" in printed.err
 
 
 def _no_server_path(response: httpx.Response, root: Path) -> None:

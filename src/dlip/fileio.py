@@ -53,3 +53,18 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "dlip": __version__,
     }
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Any]:
+    """The tensors of a .safetensors file; a missing file is FileNotFoundError and a truncated
+    or corrupt one a ValueError, both naming the file (safetensors' own errors name neither
+    the file nor what to do)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as err:  # SafetensorError, or OSError on a bad read / mmap
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 
 
@@ -17,3 +18,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number > 0 (`inf`, `nan`, 0 and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value

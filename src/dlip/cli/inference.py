@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from dlip.cli.common import positive_number
+
 _MODEL_HELP = "saved model directory (or a preset name: random weights, for smoke tests)"
 
 
@@ -92,7 +94,9 @@ def _register_deploy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
+    p.add_argument(
+        "--max-upload-mb", type=positive_number, default=20.0, help="larger uploads get 413"
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
     p.set_defaults(func=cmd_serve)
 
@@ -108,7 +112,9 @@ def _register_deploy(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="output directory (graphs + manifest.json)")
     q.add_argument("--opset", type=int, default=18)
     q.add_argument("--image-size", type=int, default=None, help="resize pos_embed first")
-    q.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (max abs diff)")
+    q.add_argument(
+        "--atol", type=positive_number, default=1e-4, help="parity tolerance (max abs diff)"
+    )
     q.add_argument("--graphs", default=None, help="comma list (default: all the model has)")
     q.set_defaults(func=cmd_export)
 
@@ -185,8 +191,10 @@ def cmd_itm(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from dlip.inference.index import build_index
+    from dlip.inference.index import build_index, check_out_dir, list_images
 
+    check_out_dir(args.out)  # both before the model is loaded
+    list_images(args.image_dir)
     report = build_index(
         _predictor(args),
         args.image_dir,
@@ -212,6 +220,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not model:
         raise ValueError(f"{args.index} records no model: pass --model")
     hits = _predictor(args, model).search(args.query, index, k=args.k, rerank=args.rerank)
+    skipped = getattr(hits, "skipped", {})
+    if skipped:  # files of the index that re-ranking could no longer read
+        print(f"skipped {len(skipped)} unreadable index files:", file=sys.stderr)
+        for name, reason in list(skipped.items())[:10]:
+            print(f"  {name}: {reason}", file=sys.stderr)
     if args.json:
         print(json.dumps([vars(h) for h in hits], indent=1))
     else:

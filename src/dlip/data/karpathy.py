@@ -283,7 +283,9 @@ def load_eval_set(
     benchmark. An empty caption is an error for the same reason.
     """
     entries = load_karpathy(path)
-    if entries and not is_eval_split(entries):
+    if not entries:  # metrics over nothing are NaN: refuse rather than write them
+        raise ValueError(f"{path}: no images to evaluate (an empty split)")
+    if not is_eval_split(entries):
         raise ValueError(f"{path}: a train split (one caption per entry), not val/test")
     out = EvalSet([], [], [], [], [])
     for i, entry in enumerate(entries):

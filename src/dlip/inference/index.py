@@ -25,6 +25,7 @@ from dlip.fileio import atomic_write_text
 from dlip.inference.predictor import IMAGE_EXTENSIONS, BadImage, Predictor, to_pil
 
 INDEX_JSON, FEATURES_FILE = "index.json", "features.safetensors"  # the final index
+REBUILD = "rebuild the index: dlip index build IMAGE_DIR --model M --out DIR --no-resume"
 CHUNK_DIR, PROGRESS_JSON = "chunks", "progress.json"  # a build in progress
 
 
@@ -44,13 +45,15 @@ class ImageIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> ImageIndex:
-        from safetensors.torch import load_file
+        from dlip.fileio import load_safetensors
 
         path = Path(path)
         if not (path / INDEX_JSON).is_file():
             raise FileNotFoundError(f"{path / INDEX_JSON} not found (build it: dlip index build)")
-        meta = json.loads((path / INDEX_JSON).read_text(encoding="utf-8"))
-        features = load_file(str(path / FEATURES_FILE))["features"]
+        meta = _read_meta(path / INDEX_JSON)
+        features = load_safetensors(path / FEATURES_FILE).get("features")
+        if features is None or features.dim() != 2:
+            raise ValueError(f"{path / FEATURES_FILE}: no (N, E) 'features' tensor; {REBUILD}")
         paths = meta.pop("paths")
         if features.shape != (len(paths), meta["embed_dim"]):
             raise ValueError(
@@ -98,6 +101,15 @@ class IndexReport:
     @property
     def complete(self) -> bool:
         return self.chunks_done == self.chunks_total
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """`out` as an index directory to write: absent or a directory (a file there is an error,
+    before any model work)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file is there; an index is a directory")
+    return out
 
 
 def list_images(image_dir: str | Path) -> list[str]:
@@ -165,10 +177,31 @@ def _read_chunk(path: Path) -> Chunk:
     """A chunk's parts; its signatures are {} when written before they were recorded."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        kept, bad = json.loads(meta["paths"]), json.loads(meta["bad"])
-        return f.get_tensor("features"), kept, bad, json.loads(meta.get("sigs", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            kept, bad = json.loads(meta["paths"]), json.loads(meta["bad"])
+            return f.get_tensor("features"), kept, bad, json.loads(meta.get("sigs", "{}"))
+    except Exception as err:  # SafetensorError, a missing key, bad JSON metadata
+        raise ValueError(
+            f"{path}: unreadable index chunk ({err!r}); rebuild with --no-resume"
+        ) from None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """index.json, checked for what ImageIndex needs (paths, embed_dim)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); {REBUILD}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: a JSON {type(meta).__name__}, not an object; {REBUILD}")
+    paths, dim = meta.get("paths"), meta.get("embed_dim")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"{path}: 'paths' is not a list of file names; {REBUILD}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"{path}: 'embed_dim' is not an int; {REBUILD}")
+    return meta
 
 
 def _refresh_chunk(
@@ -252,6 +285,7 @@ def build_index(
 
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be >= 1 ({batch_size}, {chunk_size})")
+    check_out_dir(out)
     root, out = Path(image_dir).resolve(), Path(out)
     files = list_images(root)
     state = _build_state(predictor, root, files, chunk_size)

@@ -203,9 +203,9 @@ def hf_config_to_dlip(hf: dict, name: str) -> ModelConfig:
 def read_hf_weights(directory: Path) -> dict[str, Tensor]:
     st = directory / "model.safetensors"
     if st.is_file():
-        from safetensors.torch import load_file
+        from dlip.fileio import load_safetensors
 
-        return load_file(str(st))
+        return load_safetensors(st)
     bin_path = directory / "pytorch_model.bin"
     if bin_path.is_file():
         return torch.load(bin_path, map_location="cpu", weights_only=True)

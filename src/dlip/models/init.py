@@ -92,9 +92,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"timm checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from dlip.fileio import load_safetensors
 
-        state = load_file(str(path), device="cpu")
+        state = load_safetensors(path)
     elif path.suffix in _TORCH_SUFFIXES:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

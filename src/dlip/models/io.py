@@ -88,8 +88,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu"):
     """Load a saved dlip model directory strictly; returns the BLIP model in eval mode."""
-    from safetensors.torch import load_file
-
+    from dlip.fileio import load_safetensors
     from dlip.models.blip import BLIP
 
     directory = Path(directory)
@@ -101,7 +100,7 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu"):
     _refuse_foreign(directory / CONFIG_FILE)
     config = ModelConfig.load(directory / CONFIG_FILE)
     model = BLIP(config)
-    load_strict(model, load_file(str(weights), device=str(map_location)), str(weights))
+    load_strict(model, load_safetensors(weights, device=str(map_location)), str(weights))
     return model.to(map_location).eval()
 
 

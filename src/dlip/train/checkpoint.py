@@ -235,13 +235,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     Load `model_state` with `dlip.models.io.load_strict(module, model_state, str(path))` (it
     restores tied names); `trainer_state` is read with `weights_only=True`.
     """
-    from safetensors.torch import load_file
+    from dlip.fileio import load_safetensors
 
     path = Path(path)
     for f in (WEIGHTS_FILE, TRAINER_FILE):
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} not found: not a complete checkpoint directory")
-    model_state = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    model_state = load_safetensors(path / WEIGHTS_FILE)
     trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
     return model_state, trainer_state
 
