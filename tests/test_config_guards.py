@@ -11,7 +11,7 @@ import pytest
 from dlip.cli.train import finetune_main, pretrain_main
 from dlip.config import ConfigError
 from dlip.data.synthdir import synthesize_once
-from dlip.data.synthetic import SETTINGS_FILE
+from dlip.data.synthetic import SETTINGS_FILE, synthesize
 
 
 @pytest.mark.parametrize("key", ["optim.lr", "optim.warmup_lr", "optim.weight_decay", "optim.eps"])
@@ -25,7 +25,7 @@ def test_non_finite_floats_are_refused_naming_the_key(tmp_path, key, value):
     assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
 
 
-def test_a_reused_synth_dir_must_hold_the_set_the_run_asks_for(tmp_path):
+def test_a_synth_dir_a_run_built_must_hold_the_set_the_run_asks_for(tmp_path):
     out = tmp_path / "synth"
     synthesize_once(out, 12, seed=0, image_size=32)
     built = json.loads((out / SETTINGS_FILE).read_text())
@@ -42,6 +42,13 @@ def test_a_reused_synth_dir_must_hold_the_set_the_run_asks_for(tmp_path):
     (out / SETTINGS_FILE).unlink()  # a set built before the record existed
     with pytest.raises(ValueError, match=r"without synth\.json"):
         synthesize_once(out, 12, seed=0, image_size=32)
+
+
+def test_a_set_made_by_dlip_data_synth_is_used_as_it_is(tmp_path):
+    """Pointing data.synth_dir at a set built by hand is a choice, not a stale leftover."""
+    synthesize(tmp_path / "mine", 12, seed=3, image_size=32, captions_per_image=2)
+    assert synthesize_once(tmp_path / "mine", 1000, seed=42, image_size=64) == tmp_path / "mine"
+    assert json.loads((tmp_path / "mine" / SETTINGS_FILE).read_text())["origin"] == "synthesize"
 
 
 def test_a_run_refuses_another_synthetic_set_before_step_1(tmp_path):

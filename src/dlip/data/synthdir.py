@@ -1,10 +1,13 @@
 """A synthetic set built once into a run's `data.synth_dir`, and reused only when it is the set
 the run asks for.
 
-`synthesize` records its arguments in `synth.json`; a run that finds a complete set
-(manifest.jsonl, written last) compares them with its own (`data.synth_images`, `run.seed`,
-the image size) and refuses another set before step 1, naming the keys that differ: training
-on a set of 1000 images after asking for 5000 would otherwise go unnoticed.
+`synthesize` records its arguments in `synth.json`. A run that finds a complete set
+(manifest.jsonl, written last) that an earlier run built there compares them with its own
+(`data.synth_images`, `run.seed`, the image size) and refuses another set before step 1,
+naming the keys that differ: training on a set of 1000 images after asking for 5000 would
+otherwise go unnoticed. A set made by `dlip data synth` (or `synthesize`) and pointed at
+with `data.synth_dir` is the user's choice and is used as it is. A set without `synth.json`
+(an older dlip) is refused: nothing says what it holds.
 """
 
 from __future__ import annotations
@@ -15,14 +18,13 @@ from typing import Any
 
 from dlip.data.synthetic import SETTINGS_FILE, synthesize
 
+RUN_ORIGIN = "data.synth_dir"  # synth.json's `origin` of a set a run built for itself
+
 
 def wanted(n_images: int, seed: int, image_size: int) -> dict[str, Any]:
-    """The `synth.json` of `synthesize(out, n_images, seed, image_size)` (defaults elsewhere)."""
-    return {
-        "n_images": n_images, "seed": seed, "image_size": image_size, "n_val": None,
-        "n_test": None, "captions_per_image": 5, "contrast": 0.5, "max_objects": 3,
-        "image_format": "jpg",
-    }  # fmt: skip
+    """What a run says about its set: the other arguments of `synthesize` (splits, captions per
+    image, ...) are the set's own (`dlip data synth` may choose them), not the run's."""
+    return {"n_images": n_images, "seed": seed, "image_size": image_size}
 
 
 def reuse_problem(out: Path, want: dict[str, Any]) -> str | None:
@@ -34,6 +36,8 @@ def reuse_problem(out: Path, want: dict[str, Any]) -> str | None:
         return f"data.synth_dir {out} holds a set without {SETTINGS_FILE} (an older dlip): {fix}"
     except (OSError, ValueError) as err:
         return f"data.synth_dir {out}: {SETTINGS_FILE} cannot be read ({err}): {fix}"
+    if have.get("origin") != RUN_ORIGIN:
+        return None  # built by `dlip data synth` or by hand: the user's set, used as it is
     keys = {"n_images": "data.synth_images", "seed": "run.seed", "image_size": "image size"}
     diff = [
         f"{keys.get(k, k)} {have.get(k)!r} there, {v!r} here"
@@ -58,7 +62,9 @@ def synthesize_once(out_dir: Path | str, n_images: int, seed: int, image_size: i
         if (out / "manifest.jsonl").is_file():
             problem = reuse_problem(out, wanted(n_images, seed, image_size))
         else:
-            synthesize(out, n_images, seed=seed, image_size=image_size, overwrite=True)
+            synthesize(
+                out, n_images, seed=seed, image_size=image_size, overwrite=True, origin=RUN_ORIGIN
+            )
     problem = broadcast_object(problem)
     if problem:
         raise ValueError(problem)

@@ -433,6 +433,7 @@ def synthesize(
     max_objects: int = 3,
     image_format: str = "jpg",
     overwrite: bool = False,
+    origin: str = "synthesize",  # recorded: "data.synth_dir" when a run built it (synthdir.py)
 ) -> SynthReport:
     """Write the synthetic dataset to `out_dir` (layout in the module docstring).
 
@@ -445,9 +446,9 @@ def synthesize(
     _check_args(seed, image_size, captions_per_image, contrast, max_objects, image_format)
     _prepare_out_dir(out_dir, overwrite)
     (out_dir / SETTINGS_FILE).unlink(missing_ok=True)  # written again last-but-one, when done
-    settings = {"n_images": n_images, "seed": seed, "image_size": image_size, "n_val": n_val,
-                "n_test": n_test, "captions_per_image": captions_per_image, "contrast": contrast,
-                "max_objects": max_objects, "image_format": image_format}  # fmt: skip
+    settings = dict(n_images=n_images, seed=seed, image_size=image_size, n_val=n_val, n_test=n_test,
+                    captions_per_image=captions_per_image, contrast=contrast, origin=origin,
+                    max_objects=max_objects, image_format=image_format)  # fmt: skip
     width = max(6, len(str(n_images - 1)))
     records, train, evals = [], [], {"val": [], "test": []}
     idx = 0
