@@ -132,6 +132,17 @@ def _add_build_parsers(cmds: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=["coco", "flickr30k"], default=None)
     p.set_defaults(func=cmd_build)
 
+    p = kinds.add_parser(
+        "vqa", help="VQA: BLIP's vqa_*.json / vg_qa.json, or VQAv2 questions + annotations"
+    )
+    p.add_argument("files", nargs="*", type=Path, help="BLIP's JSON files (vqa_train.json ...)")
+    p.add_argument("--questions", type=Path, help="v2_OpenEnded_mscoco_<split>_questions.json")
+    p.add_argument("--annotations", type=Path, help="v2_mscoco_<split>_annotations.json")
+    p.add_argument("--images", required=True, type=Path, help="COCO image root (train2014/ ...)")
+    p.add_argument("--vg-images", type=Path, default=None, help="VG image root (vg_qa.json)")
+    p.add_argument("--out", required=True, type=Path, help="VQA rows (jsonl)")
+    p.set_defaults(func=cmd_build_vqa)
+
     p = kinds.add_parser("flickr30k-csv", help="Flickr30K Kaggle results.csv (pipe-delimited)")
     p.add_argument("csv", type=Path)
     p.add_argument("--images", required=True, type=Path, help="the flickr30k_images folder")
@@ -168,6 +179,28 @@ def cmd_build(args: argparse.Namespace) -> int:
     report = BuildReport()
     n = write_rows(_rows(args, report), args.out, report)
     print(f"wrote {n} rows to {args.out}\n{report.summary()}")
+    return 0
+
+
+def cmd_build_vqa(args: argparse.Namespace) -> int:
+    from dlip.data import vqa
+    from dlip.data.rows import BuildReport
+
+    if bool(args.files) == bool(args.questions):
+        raise ValueError("give BLIP's JSON files or --questions (+ --annotations), not both")
+    if args.annotations and not args.questions:
+        raise ValueError("--annotations needs --questions")
+    report = BuildReport()
+    if args.files:
+        rows = vqa.build_vqa_blip(
+            args.files, report=report, vqa_root=args.images, vg_root=args.vg_images
+        )
+    else:
+        rows = vqa.build_vqa_official(
+            args.questions, args.annotations, report=report, image_root=args.images
+        )
+    n = vqa.write_vqa(rows, args.out, report)
+    print(f"wrote {n} questions to {args.out}\n{report.summary()}")
     return 0
 
 

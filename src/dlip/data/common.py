@@ -45,6 +45,8 @@ REASONS = (
     "malformed_row",  # a source row (e.g. a CSV line) that cannot be parsed
     "outside_root",  # an image name that is absolute or leads out of the image root
     "bad_box",  # a region box that is not finite numbers with positive width and height
+    "empty_question",  # a VQA question that is missing, not a string or blank
+    "no_answer",  # a VQA training / validation question without any answer
 )
 
 
