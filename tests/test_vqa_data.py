@@ -115,3 +115,54 @@ def test_build_vqa_cli(tmp_path, capsys):
     questions, _ = _official(tmp_path)
     both = [*argv, "--questions", str(questions), "--out", str(out)]
     assert main(both) == 2 and "not both" in capsys.readouterr().err
+
+
+def _truth(scene: dict, question: str) -> str:
+    """The answer to a synthetic question, worked out from the scene record independently."""
+    objects = scene["objects"]
+    words = question.rstrip("?").split()
+    if question.startswith("what colour is the "):
+        (colour,) = [o["colour"] for o in objects if o["shape"] == words[-1]]
+        return colour
+    if question.startswith("what shape is "):
+        assert " ".join(words[3:-3]) == scene["relation"]
+        return objects[0]["shape"]
+    if question == "how many shapes are there?":
+        return str(len(objects))
+    if question.startswith("how many "):
+        return str(sum(o["colour"] == words[2] for o in objects))
+    assert question.startswith("is there a ")
+    present = any((o["colour"], o["shape"]) == (words[3], words[4]) for o in objects)
+    return "yes" if present else "no"
+
+
+def test_synthetic_questions_are_answered_by_their_scenes(tmp_path):
+    from dlip.data.synth_vqa import synthesize_vqa
+    from dlip.data.synthetic import synthesize
+
+    synthesize(tmp_path / "s", 30, seed=1, image_size=32)
+    counts = synthesize_vqa(tmp_path / "s", seed=1, per_image=4)
+    scenes = [
+        json.loads(line) for line in (tmp_path / "s" / "scenes.jsonl").read_text().splitlines()
+    ]
+    by_image = {s["image"]: s for s in scenes}
+    kinds = set()
+    for split in ("train", "val", "test"):
+        rows = json.loads((tmp_path / "s" / f"vqa_{split}.json").read_text())
+        assert len(rows) == counts[split] and rows
+        for row in rows:
+            scene = by_image[row["image"]]
+            assert scene["split"] == split
+            assert row["answer"] == [_truth(scene, row["question"])] * 10, row
+            kinds.add(row["answer_type"])
+    assert kinds == {"yes/no", "number", "other"}
+    before = (tmp_path / "s" / "vqa_train.json").read_bytes()
+    synthesize_vqa(tmp_path / "s", seed=1, per_image=4)
+    assert (tmp_path / "s" / "vqa_train.json").read_bytes() == before  # a function of the seed
+    report = BuildReport()
+    files = [tmp_path / "s" / f"vqa_{s}.json" for s in ("train", "val", "test")]
+    rows = list(build_vqa_blip(files, report=report, vqa_root=tmp_path / "s"))
+    assert len(rows) == sum(counts.values()) and report.skipped == {}
+    assert {r["answer_type"] for r in rows} == kinds
+    answers = set(json.loads((tmp_path / "s" / "answer_list.json").read_text()))
+    assert {r["answers"][0] for r in rows} <= answers

@@ -72,12 +72,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from dlip.data.synth_vqa import synthesize_vqa
     from dlip.data.synthetic import synthesize
 
     report = synthesize(
         args.out, args.n, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite
     )
     print(report.summary())
+    questions = synthesize_vqa(args.out, seed=args.seed)
+    print("VQA questions: " + ", ".join(f"{s} {n}" for s, n in questions.items()))
     return 0
 
 

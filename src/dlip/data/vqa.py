@@ -95,7 +95,10 @@ def _blip_row(
     row["answers"] = _answers(entry.get("answer", []))
     if need_answers and not row["answers"]:
         raise BadSample("no_answer", f"question {qid}")
-    return {**row, "source": source}
+    row["source"] = source
+    if isinstance(entry.get("answer_type"), str):  # e.g. `dlip data synth`'s questions
+        row["answer_type"] = entry["answer_type"]
+    return row
 
 
 def build_vqa_blip(
