@@ -235,3 +235,14 @@ def test_bad_arguments(tok: Tokenizer) -> None:
 
 def test_get_tokenizer_is_cached() -> None:
     assert get_tokenizer() is get_tokenizer()
+
+
+def test_pre_question_is_blips():
+    from dlip.tokenizer import pre_question
+
+    # Lower case; . ! " ( ) * # : ; ~ deleted (no space put in), "?" "," "'" kept, inner runs of
+    # spaces kept, trailing spaces dropped (salesforce/BLIP data/utils.py).
+    raw = 'What is   THE man\'s (left) hand holding, "really"?!  '
+    assert pre_question(raw) == "what is   the man's left hand holding, really?"
+    assert pre_question("a b c d e", max_words=3) == "a b c"
+    assert pre_question("Is it 2.5 m:long?") == "is it 25 mlong?"

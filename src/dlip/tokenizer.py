@@ -65,6 +65,16 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
     return caption
 
 
+def pre_question(question: str, max_words: int = 50) -> str:
+    """Normalise a VQA question exactly like BLIP's ``pre_question`` (salesforce/BLIP
+    data/utils.py): lower case, ``.!"()*#:;~`` deleted (not replaced by a space, unlike
+    ``pre_caption``; "?", "," and "'" are kept), trailing spaces dropped, at most `max_words`
+    words."""
+    question = _PRE_CAPTION_STRIP.sub("", question.lower()).rstrip(" ")
+    words = question.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else question
+
+
 def default_vocab_path() -> Path:
     """Path of the vendored bert-base-uncased vocab inside the installed ``dlip`` package."""
     # Traversable -> Path: the package is installed unzipped (wheel/editable), so this is real.
