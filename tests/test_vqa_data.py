@@ -166,3 +166,32 @@ def test_synthetic_questions_are_answered_by_their_scenes(tmp_path):
     assert {r["answer_type"] for r in rows} == kinds
     answers = set(json.loads((tmp_path / "s" / "answer_list.json").read_text()))
     assert {r["answers"][0] for r in rows} <= answers
+
+
+def test_vqa_training_items_and_blips_batch_layout(tmp_path):
+    import torch
+
+    from dlip.data.datasets import VQATrainDataset, flatten_answers
+    from dlip.data.loader import collate
+    from dlip.models.presets import get_config
+    from dlip.transforms import eval_transform
+
+    img = _image(tmp_path / "a.jpg")
+    rows = [
+        {"question_id": 1, "question": "Is it RED?", "image": img, "answers": TEN,
+         "source": "vqa"},
+        {"question_id": 2, "question": "What colour?", "image": img, "answers": ["red"],
+         "source": "vg"},
+        {"question_id": 3, "question": "...", "image": img, "answers": ["x"], "source": "vg"},
+        {"question_id": 4, "question": "Why?", "image": img, "answers": [], "source": "vqa"},
+        {"question_id": 5, "question": "Why?", "image": str(tmp_path / "gone.jpg"),
+         "answers": ["x"], "source": "vqa"},
+    ]  # fmt: skip
+    data = VQATrainDataset(rows, eval_transform(get_config("test_tiny")))
+    batch = flatten_answers(collate([data[i] for i in range(len(data))]))
+    assert batch["skipped"] == {"empty_question": 1, "no_answer": 1, "missing_file": 1}
+    assert batch["question"] == ["is it red?", "what colour?"]  # BLIP's pre_question
+    # BLIP's vqa_collate_fn: answers of question 1 then 2, weights alike, n per question.
+    assert batch["answers"] == ["yes", "no", "maybe", "red"]
+    assert torch.allclose(batch["weights"], torch.tensor([0.6, 0.3, 0.1, 0.2]))
+    assert batch["n_answers"].tolist() == [3, 1] and batch["image"].shape[0] == 2

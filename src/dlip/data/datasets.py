@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 from dlip.data.common import BadSample, check_caption, decode_image, read_manifest
 from dlip.data.karpathy import EvalSet
 from dlip.data.loader import Skipped
-from dlip.tokenizer import pre_caption
+from dlip.data.vqa import answer_weights
+from dlip.tokenizer import pre_caption, pre_question
 
 Transform = Callable[[Image.Image], torch.Tensor]
 CAPTION_PROMPT = "a picture of "  # BLIP's captioning prompt (configs/caption_coco.yaml)
@@ -152,6 +153,56 @@ class CaptionTrainDataset(ManifestDataset):
         prompt: str = CAPTION_PROMPT,
     ) -> None:
         super().__init__(manifest, transform, max_words, prompt)
+
+
+class VQATrainDataset(Dataset):
+    """VQA training questions (rows of `dlip data build vqa`, `data.vqa.read_vqa`), as BLIP's
+    vqa_dataset trains on them: the question through `pre_question`, every distinct answer
+    with its weight (`data.vqa.answer_weights`).
+
+    Item: {"image": (3, S, S), "question": str, "answers": [str], "weights": [float],
+    "question_id": str, "index": int}, or `Skipped` (empty_question, no_answer, bad images);
+    `flatten_answers` turns a collated batch into the loss's layout.
+    """
+
+    def __init__(
+        self, rows: Sequence[dict[str, Any]], transform: Transform, max_words: int = 50
+    ) -> None:
+        self.rows = PackedRows(rows)
+        self.transform, self.max_words = transform, max_words
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        row = self.rows[index]
+        question = row.get("question")
+        if not isinstance(question, str) or not pre_question(question, self.max_words).strip():
+            return Skipped("empty_question", index)
+        if not row.get("answers"):
+            return Skipped("no_answer", index)
+        try:
+            image = decode_image(row["image"])
+        except BadSample as err:
+            return Skipped(err.reason, index)
+        answers, weights = answer_weights(row)
+        return {
+            "image": self.transform(image), "question": pre_question(question, self.max_words),
+            "answers": answers, "weights": weights, "question_id": str(row["question_id"]),
+            "index": index,
+        }  # fmt: skip
+
+
+def flatten_answers(batch: dict[str, Any]) -> dict[str, Any]:
+    """A collated VQA batch in the layout of BLIP's `vqa_collate_fn`: "answers" one flat list
+    (question 0's answers first), "weights" a (A,) float tensor, "n_answers" (B,) answers per
+    question (the loss repeats each question's states that many times)."""
+    per_question = batch["answers"]
+    out = dict(batch)
+    out["answers"] = [a for answers in per_question for a in answers]
+    out["weights"] = torch.tensor([w for ws in batch["weights"] for w in ws], dtype=torch.float32)
+    out["n_answers"] = torch.tensor([len(a) for a in per_question], dtype=torch.long)  # (B,)
+    return out
 
 
 def eval_texts(eval_set: EvalSet, max_words: int = 30) -> list[str]:
