@@ -7,8 +7,17 @@ an EOS candidate joins the finished set only if it ranks within the top num_beam
 hypothesis scores sum(log p) / generated_tokens**length_penalty (EOS counted, prompt not); the
 search stops when no running beam can beat the worst finished one at its current length, or at
 `max_length`. Greedy applies the repetition penalty to raw logits, beam search to log-probs,
-as transformers does. (BLIP ran transformers 4.15, which divided by the length including the
-prompt; with its 4-token prompt the chosen caption can differ in rare near-ties.)
+as transformers does.
+
+`beam_scoring="blip"` reproduces instead transformers 4.15, which BLIP's published captions
+and answers came from (salesforce/BLIP models/blip.py; transformers v4.15
+generation_beam_search.py, BeamHypotheses and BeamSearchScorer): a finished hypothesis is
+stored without its EOS and scores sum(log p) / (prompt + generated tokens)**length_penalty; an
+item is done when K are finished and none beats max(this step's candidate sums) /
+current_length**lp; at max_length the running beams finish, scored over max_length. The rules
+differ systematically, not in rare ties: counting the prompt shrinks the length reward, so
+"blip" favours shorter sequences (tests/test_beam_scoring.py). The default stays "hf" until
+the reported numbers (docs/demo.md, docs/benchmarks.md) are re-measured with "blip".
 """
 
 from __future__ import annotations
@@ -109,6 +118,56 @@ def _trim(row: list[int], eos_id: int, start: int = 1) -> list[int]:
     return row
 
 
+BEAM_SCORINGS = ("hf", "blip")
+
+
+def _merge_finished(fin: list[Tensor], cand_seq: Tensor, norm: Tensor, ok: Tensor, cur: int):
+    """Keep the best K of the finished set and the eligible (`ok`) candidates, whose
+    length-normalised scores are `norm`; fin = [seq (B,K,cur+1), score, len, done]."""
+    k = fin[1].shape[1]
+    norm = norm + (~ok).float() * NEG
+    merged_seq = torch.cat([fin[0], cand_seq], 1)
+    merged_score = torch.cat([fin[1], norm], 1)
+    merged_len = torch.cat([fin[2], torch.full_like(norm, cur + 1)], 1)
+    merged_done = torch.cat([fin[3], ok], 1)
+    best = merged_score.topk(k, dim=1).indices
+    return [
+        merged_seq.gather(1, best[..., None].expand(-1, -1, cur + 1)),
+        merged_score.gather(1, best), merged_len.gather(1, best), merged_done.gather(1, best),
+    ]  # fmt: skip
+
+
+def _blip_finish(
+    fin: list[Tensor],
+    cand: tuple[Tensor, Tensor, Tensor],
+    may_improve: Tensor,
+    cur: int,
+    last: bool,
+    eos_id: int,
+    length_penalty: float,
+) -> tuple[list[Tensor], Tensor]:
+    """One step of transformers 4.15's bookkeeping (BeamHypotheses / BeamSearchScorer, the
+    version BLIP ran): an EOS candidate ranked in the top K finishes scored sum / cur**lp (its
+    tokens without the EOS, prompt included); the item is done once K are finished and none
+    beats max(candidate sums) / cur**lp; at max_length the K best non-EOS candidates (the
+    running beams) finish scored sum / (cur + 1)**lp unless the item is done."""
+    cand_seq, cand_score, token = cand
+    k = fin[1].shape[1]
+    is_eos = token == eos_id  # (B, 2K)
+    top = torch.arange(cand_score.shape[1], device=cand_score.device) < k
+    ok = is_eos & top & may_improve
+    fin = _merge_finished(fin, cand_seq, cand_score / float(cur) ** length_penalty, ok, cur)
+    best = cand_score.max(dim=1, keepdim=True).values / float(cur) ** length_penalty
+    full = fin[3].all(dim=1, keepdim=True)
+    may_improve = may_improve & ~(full & (fin[1].min(dim=1, keepdim=True).values >= best))
+    if last:
+        running = (cand_score + is_eos.float() * NEG).topk(k, dim=1).indices
+        chosen = torch.zeros_like(is_eos).scatter(1, running, True) & ~is_eos
+        norm = cand_score / float(cur + 1) ** length_penalty
+        fin = _merge_finished(fin, cand_seq, norm, chosen & may_improve, cur)
+    return fin, may_improve
+
+
 @torch.no_grad()
 def beam_search(
     model,
@@ -120,17 +179,18 @@ def beam_search(
     repetition_penalty: float,
     eos_id: int,
     length_penalty: float = 1.0,
+    beam_scoring: str = "hf",
 ) -> list[list[int]]:
+    if beam_scoring not in BEAM_SCORINGS:
+        raise ValueError(f"beam_scoring={beam_scoring!r}: one of {BEAM_SCORINGS}")
     b, l0 = prompt.shape
     k, dev = num_beams, prompt.device
     dec = _Decoder(model, image_tokens.repeat_interleave(k, dim=0))
     run_seq = prompt.repeat_interleave(k, dim=0).view(b, k, l0)  # (B, K, L)
     run_score = torch.zeros(b, k, device=dev)
     run_score[:, 1:] = NEG  # all beams start identical: only the first may expand
-    fin_seq = run_seq.clone()
-    fin_len = torch.full((b, k), l0, device=dev)
-    fin_score = torch.full((b, k), NEG, device=dev)
-    fin_done = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    fin = [run_seq.clone(), torch.full((b, k), NEG, device=dev)]  # seq, score, len, done
+    fin += [torch.full((b, k), l0, device=dev), torch.zeros(b, k, dtype=torch.bool, device=dev)]
     may_improve = torch.ones(b, 1, dtype=torch.bool, device=dev)
     top_mask = torch.arange(2 * k, device=dev) < k  # EOS candidates must rank in the top K
     cur = l0
@@ -156,30 +216,27 @@ def beam_search(
         run_score = (cand_score + hits.float() * NEG).gather(1, keep)
         beam_src = src_beam.gather(1, keep)  # (B, K) which old beam each new one extends
 
-        # Finished set: merge stopping candidates (length-normalised) into the best K so far.
-        norm = cand_score / float(cur + 1 - l0) ** length_penalty
-        norm = norm + (~may_improve).float() * NEG + (~(hits & top_mask)).float() * NEG
-        fin_seq = torch.cat([fin_seq, torch.zeros_like(fin_seq[..., :1])], 2)  # pad to cur+1
-        merged_seq = torch.cat([fin_seq, cand_seq], 1)
-        merged_score = torch.cat([fin_score, norm], 1)
-        merged_len = torch.cat([fin_len, torch.full_like(norm, cur + 1)], 1)
-        merged_done = torch.cat([fin_done, hits & top_mask], 1)
-        best = merged_score.topk(k, dim=1).indices
-        fin_seq = merged_seq.gather(1, best[..., None].expand(-1, -1, cur + 1))
-        fin_score, fin_len = merged_score.gather(1, best), merged_len.gather(1, best)
-        fin_done = merged_done.gather(1, best)
-
-        cur += 1
-        best_running = run_score[:, :1] / float(cur - l0) ** length_penalty
-        worst_done = torch.where(fin_done, fin_score.min(dim=1, keepdim=True).values, NEG)
-        may_improve &= (best_running > worst_done).any(dim=1, keepdim=True)
+        fin[0] = torch.cat([fin[0], torch.zeros_like(fin[0][..., :1])], 2)  # pad to cur+1
+        if beam_scoring == "blip":
+            fin, may_improve = _blip_finish(
+                fin, (cand_seq, cand_score, token), may_improve, cur, cur + 1 >= max_length,
+                eos_id, length_penalty,
+            )  # fmt: skip
+            cur += 1
+        else:  # transformers 5.x: generated tokens only, EOS counted
+            norm = cand_score / float(cur + 1 - l0) ** length_penalty
+            fin = _merge_finished(fin, cand_seq, norm, hits & top_mask & may_improve, cur)
+            cur += 1
+            best_running = run_score[:, :1] / float(cur - l0) ** length_penalty
+            worst_done = torch.where(fin[3], fin[1].min(dim=1, keepdim=True).values, NEG)
+            may_improve &= (best_running > worst_done).any(dim=1, keepdim=True)
         if not may_improve.any() or hits.all():
             break
         flat_src = (beam_src + torch.arange(b, device=dev)[:, None] * k).flatten()
         dec.cache.reorder(flat_src, cross=False)  # beams of one image share its K/V
         logits = dec.step(run_seq[:, :, -1].reshape(-1, 1), cur)
-    lengths = fin_len[:, 0].long().tolist()
-    return [fin_seq[i, 0, : lengths[i]].tolist() for i in range(b)]
+    lengths = fin[2][:, 0].long().tolist()
+    return [fin[0][i, 0, : lengths[i]].tolist() for i in range(b)]
 
 
 def prompt_ids(tokenizer, prompt: str, batch: int, device: torch.device) -> Tensor:
@@ -199,6 +256,7 @@ def generate_ids(
     min_length: int,
     repetition_penalty: float,
     tokenizer,
+    beam_scoring: str = "hf",
 ) -> list[list[int]]:
     """Token ids per image: [DEC] + prompt + generated (+ [SEP] when it ended by EOS)."""
     image = model.encode_image(pixels).tokens
@@ -213,8 +271,9 @@ def generate_ids(
             model, image, ids, max_length, min_length, repetition_penalty, eos, argmax
         )
     return beam_search(
-        model, image, ids, num_beams, max_length, min_length, repetition_penalty, eos
-    )
+        model, image, ids, num_beams, max_length, min_length, repetition_penalty, eos,
+        beam_scoring=beam_scoring,
+    )  # fmt: skip
 
 
 def generate_captions(
@@ -226,6 +285,7 @@ def generate_captions(
     min_length: int,
     repetition_penalty: float,
     tokenizer=None,
+    beam_scoring: str = "hf",
 ) -> list[str]:
     if tokenizer is None:
         from dlip.tokenizer import get_tokenizer
@@ -235,8 +295,9 @@ def generate_captions(
     model.eval()
     try:
         rows = generate_ids(
-            model, pixels, prompt, num_beams, max_length, min_length, repetition_penalty, tokenizer
-        )
+            model, pixels, prompt, num_beams, max_length, min_length, repetition_penalty,
+            tokenizer, beam_scoring,
+        )  # fmt: skip
     finally:
         model.train(was_training)
     return decode_captions(tokenizer, rows, prompt)
