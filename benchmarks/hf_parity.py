@@ -70,7 +70,7 @@ def caption_diffs(hf, ours, pixels, ids, mask) -> dict[str, float | bool]:
         hf_ids = hf.generate(
             pixel_values=pixels, input_ids=inputs, num_beams=beams, max_length=20, min_length=5
         )
-        mine = generate_ids(ours, pixels, "a picture of", beams, 20, 5, 1.0, tok)
+        mine = generate_ids(ours, pixels, "a picture of", beams, 20, 5, 1.0, tok, "hf")
         out[f"ids_equal_beams_{beams}"] = [_cut(r) for r in hf_ids.tolist()] == mine
     return out
 

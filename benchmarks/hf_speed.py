@@ -186,13 +186,13 @@ def caption_rows(ours: BLIP, cap: Any, size: int, plan: dict) -> list[dict]:
         pixels = torch.randn(batch, 3, size, size)
         prompt = [tok.bos_token_id, *tok.encode(PROMPT)[1:-1]]
         hf_in = torch.tensor([[*prompt, tok.sep_token_id]] * batch)  # HF drops the last token
-        mine = generate_ids(ours, pixels, PROMPT, beams, hi, lo, 1.0, tok)
+        mine = generate_ids(ours, pixels, PROMPT, beams, hi, lo, 1.0, tok, "hf")
         hf_ids = cap.generate(
             pixel_values=pixels, input_ids=hf_in, num_beams=beams, max_length=hi, min_length=lo
         )
         equal = [_cut(r, tok.sep_token_id) for r in hf_ids.tolist()] == mine
         a, b = time_pair(
-            lambda p=pixels: ours.generate(p, prompt=PROMPT, **CAPTION),
+            lambda p=pixels: ours.generate(p, prompt=PROMPT, beam_scoring="hf", **CAPTION),
             lambda p=pixels, i=hf_in: cap.generate(
                 pixel_values=p, input_ids=i, num_beams=beams, max_length=hi, min_length=lo
             ),

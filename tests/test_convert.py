@@ -184,7 +184,10 @@ def test_generation_ids_match_hf(caption_pair, pixels):
         try:
             kw = dict(num_beams=beams, max_length=max_len, min_length=min_len)
             ref = _hf_ids(hf, pixels, prompt_ids, repetition_penalty=penalty, **kw)
-            got = generate_ids(ours, pixels, prompt, beams, max_len, min_len, penalty, tok)
+            # transformers 5.x's rule: dlip's default "blip" reproduces 4.15 instead
+            got = generate_ids(
+                ours, pixels, prompt, beams, max_len, min_len, penalty, tok, beam_scoring="hf"
+            )
         finally:
             bias_hf[SEP_ID] -= boost
             bias_ours[SEP_ID] -= boost

@@ -192,7 +192,7 @@ def cli_args(root: Path, out: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_cli_writes_complete_results(setup, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(cli_args(setup, out, "--batch-size", "2", "--spice")) == 0
+    assert main(cli_args(setup, out, "--batch-size", "2", "--spice", "--beam-scoring", "hf")) == 0
     record = json.loads((out / "results.json").read_text())
     ids = [e["image"] for e in json.loads((setup / "synth" / "test.json").read_text())]
     assert record["task"] == "caption" and record["world_size"] == 1
@@ -201,7 +201,8 @@ def test_cli_writes_complete_results(setup, tmp_path, capsys):
     assert record["dataset"]["name"] == "test"
     assert record["settings"] == {
         "prompt": "a picture of ", "num_beams": 3, "max_length": 20, "min_length": 5,
-        "repetition_penalty": 1.0, "image_size": 32, "batch_size": 2, "precision": "auto",
+        "repetition_penalty": 1.0, "beam_scoring": "hf", "image_size": 32, "batch_size": 2,
+        "precision": "auto",
     }  # fmt: skip
     assert list(record["metrics"]) == [*METRICS, "SPICE"]
     assert all(isinstance(record["metrics"][k], float) for k in METRICS)

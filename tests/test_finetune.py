@@ -141,6 +141,7 @@ def test_caption_finetune_from_a_checkpoint_with_kd(synth, teacher_dir, tmp_path
     result = json.loads((run_dir / "test" / RESULTS_JSON).read_text())
     assert result["task"] == "caption" and set(result["metrics"]) >= CAPTION_KEYS
     assert result["settings"]["prompt"] == "a picture of "
+    assert result["settings"]["beam_scoring"] == "blip"  # BLIP's rule unless eval.beam_scoring
 
 
 def test_config_errors_come_before_training(synth, tmp_path, teacher_dir):

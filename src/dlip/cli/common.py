@@ -29,3 +29,18 @@ def positive_number(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
     return value
+
+
+# dlip.models.generation.BEAM_SCORINGS, spelled out so `--help` stays torch-free (a test checks)
+BEAM_SCORINGS = ("blip", "hf")
+
+
+def add_beam_scoring(p: argparse.ArgumentParser) -> None:
+    """`--beam-scoring blip|hf`: how beam search scores finished hypotheses."""
+    p.add_argument(
+        "--beam-scoring",
+        default="blip",
+        choices=BEAM_SCORINGS,
+        help="blip: transformers 4.15's rule, which BLIP's published numbers came from "
+        "(default); hf: transformers 5.x's, for id parity with transformers",
+    )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from dlip.cli.common import add_beam_scoring
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="saved model directory or preset name")
@@ -56,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--min-length", type=int, default=5, help="tokens, prompt included")
     c.add_argument("--repetition-penalty", type=float, default=1.0)
     c.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jar)")
+    add_beam_scoring(c)
     c.set_defaults(func=cmd_eval_caption)
 
 
@@ -84,6 +87,7 @@ def cmd_eval_caption(args: argparse.Namespace) -> int:
     run_caption_eval(
         args.model, args.data, args.images, args.out, prompt=args.prompt,
         num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
-        repetition_penalty=args.repetition_penalty, spice=args.spice, **_shared(args),
+        repetition_penalty=args.repetition_penalty, spice=args.spice,
+        beam_scoring=args.beam_scoring, **_shared(args),
     )  # fmt: skip
     return 0

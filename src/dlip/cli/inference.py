@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from dlip.cli.common import positive_number
+from dlip.cli.common import add_beam_scoring, positive_number
 
 _MODEL_HELP = "saved model directory (or a preset name: random weights, for smoke tests)"
 
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print [{image, caption}] as JSON")
+    add_beam_scoring(p)
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("embed", help="normalised ITC embeddings of images or texts")
@@ -139,6 +140,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         batch_size=args.batch_size,
+        beam_scoring=args.beam_scoring,
     )
     if args.json:
         rows = [{"image": i, "caption": c} for i, c in zip(args.images, caps, strict=True)]

@@ -316,12 +316,14 @@ def evaluate_captions(
     device: torch.device | str | None = None,
     num_workers: int = 0,
     spice: bool = False,
+    beam_scoring: str = "blip",
 ) -> dict[str, Any]:
     """Caption every image of `eval_set` (sharded over ranks) and score on rank 0.
 
     Returns {"metrics", "predictions", "spice", "seconds"}. `metrics` (floats, pycocoevalcap
     scale) reaches every rank, so ranks agree on e.g. the best checkpoint; `predictions`
     {image_id: caption} is filled on rank 0 only ({} elsewhere). Every rank must call it.
+    `beam_scoring`: "blip" (BLIP's published numbers) or "hf" (dlip.models.generation).
     """
     from dlip.distributed import get_rank
 
@@ -330,8 +332,8 @@ def evaluate_captions(
     if not model.config.has_decoder:
         raise ValueError(f"model {model.config.name!r} has no decoder (has_decoder=false)")
     device = next(model.parameters()).device if device is None else torch.device(device)
-    gen = dict(prompt=prompt, num_beams=num_beams, max_length=max_length,
-               min_length=min_length, repetition_penalty=repetition_penalty)  # fmt: skip
+    gen = dict(prompt=prompt, num_beams=num_beams, max_length=max_length, min_length=min_length,
+               repetition_penalty=repetition_penalty, beam_scoring=beam_scoring)  # fmt: skip
     was_training, start = model.training, time.perf_counter()
     model.eval()
     try:
@@ -400,6 +402,7 @@ def run_caption_eval(
     dataset: str | None = None,
     spice: bool = False,
     precision: str = "auto",
+    beam_scoring: str = "blip",
 ) -> Path | None:
     """`dlip eval caption`: generate, score, write out/results.json, results.md and
     captions.json; returns the json path on rank 0 (None on other ranks)."""
@@ -415,10 +418,12 @@ def run_caption_eval(
         write_results,
     )
     from dlip.fileio import atomic_write_text
+    from dlip.models.generation import check_beam_scoring
     from dlip.precision import using
 
     start = time.perf_counter()
     require_java()  # fail before the (long) generation, not after it
+    check_beam_scoring(beam_scoring)
     dev = setup_device(device)
     blip = open_model(model, dev, image_size)
     if not blip.config.has_decoder:
@@ -432,6 +437,7 @@ def run_caption_eval(
     gen = {
         "prompt": prompt, "num_beams": num_beams, "max_length": max_length,
         "min_length": min_length, "repetition_penalty": repetition_penalty,
+        "beam_scoring": beam_scoring,
     }  # fmt: skip
     settings = {**gen, "image_size": blip.config.vision.image_size, "batch_size": batch_size}
     settings["precision"] = precision

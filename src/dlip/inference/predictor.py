@@ -237,9 +237,12 @@ class Predictor:
         seed: int | None = None,
         batch_size: int = 16,
         temperature: float = 1.0,
+        beam_scoring: str = "blip",
     ) -> list[str]:
         """Beam search (greedy at num_beams=1), or nucleus sampling when `sample` (one torch
-        Generator seeded with `seed` for the whole call: reproducible for a fixed batch_size)."""
+        Generator seeded with `seed` for the whole call: reproducible for a fixed batch_size).
+        `beam_scoring`: "blip" (transformers 4.15, as BLIP ran it) or "hf" (transformers 5.x);
+        see `dlip.models.generation`."""
         from dlip.models.generation import generate_captions
 
         prompt = self.model.config.prompt if prompt is None else prompt
@@ -260,7 +263,7 @@ class Predictor:
                 else:
                     out += generate_captions(
                         self.model, pixels, prompt, num_beams, max_length, min_length,
-                        repetition_penalty, self.tokenizer,
+                        repetition_penalty, self.tokenizer, beam_scoring,
                     )  # fmt: skip
         return out
 

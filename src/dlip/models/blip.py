@@ -126,13 +126,13 @@ class BLIP(nn.Module):
         min_length: int = 5,
         repetition_penalty: float = 1.0,
         tokenizer: Tokenizer | None = None,
-        beam_scoring: str = "hf",
+        beam_scoring: str = "blip",
     ) -> list[str]:
         """Captions for (B, 3, S, S) pixels: beam search (greedy when num_beams=1).
 
         Lengths count the prompt tokens, as BLIP; the prompt is stripped from the returned text.
-        `beam_scoring`: "hf" (transformers 5.x) or "blip" (transformers 4.15, as BLIP ran it;
-        see `dlip.models.generation`).
+        `beam_scoring`: "blip" (transformers 4.15, as BLIP ran it) or "hf" (transformers 5.x);
+        see `dlip.models.generation`.
         """
         from dlip.models.generation import generate_captions
 

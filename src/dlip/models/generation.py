@@ -1,23 +1,35 @@
 """Caption generation with a KV cache: greedy and beam search.
 
-The search follows transformers' (5.x) semantics exactly, so dlip and HF produce the same ids
-for the same weights (tested): lengths count the prompt; `min_length` masks EOS while the
-sequence (prompt included) is shorter; beam candidates are the top 2*num_beams continuations;
-an EOS candidate joins the finished set only if it ranks within the top num_beams; a finished
-hypothesis scores sum(log p) / generated_tokens**length_penalty (EOS counted, prompt not); the
-search stops when no running beam can beat the worst finished one at its current length, or at
-`max_length`. Greedy applies the repetition penalty to raw logits, beam search to log-probs,
-as transformers does.
+Beam search keeps transformers' mechanics in both modes: lengths count the prompt; `min_length`
+masks EOS while the sequence (prompt included) is shorter; the candidates are the top
+2*num_beams continuations of the running beams; an EOS candidate finishes only if it ranks
+within the top num_beams; the next running beams are the best num_beams other candidates.
+Greedy applies the repetition penalty to raw logits, beam search to log-probs, as transformers
+does. The two `beam_scoring` modes differ in how a finished hypothesis is scored and when an
+item is done (K = num_beams, lp = length_penalty, L0 = prompt length, cur = sequence length
+before this step's token):
 
-`beam_scoring="blip"` reproduces instead transformers 4.15, which BLIP's published captions
-and answers came from (salesforce/BLIP models/blip.py; transformers v4.15
-generation_beam_search.py, BeamHypotheses and BeamSearchScorer): a finished hypothesis is
-stored without its EOS and scores sum(log p) / (prompt + generated tokens)**length_penalty; an
-item is done when K are finished and none beats max(this step's candidate sums) /
-current_length**lp; at max_length the running beams finish, scored over max_length. The rules
-differ systematically, not in rare ties: counting the prompt shrinks the length reward, so
-"blip" favours shorter sequences (tests/test_beam_scoring.py). The default stays "hf" until
-the reported numbers (docs/demo.md, docs/benchmarks.md) are re-measured with "blip".
+- "blip" (default): transformers v4.15, which BLIP's published captions came from
+  (salesforce/BLIP models/blip.py `generate` -> `text_decoder.generate(num_beams=3, ...)`
+  with transformers==4.15; generation_beam_search.py `BeamSearchScorer.process`,
+  `BeamHypotheses.add` / `is_done`, `BeamSearchScorer.finalize`). An EOS candidate is added
+  before its EOS is appended: score = sum(log p) / cur**lp, cur = L0 + generated tokens
+  without the EOS. After each step an item is done when K hypotheses are finished and the
+  worst of them >= max(this step's 2K candidate sums) / cur**lp (early_stopping=False, as
+  BLIP); a done item takes no more hypotheses. At max_length the running beams of items not
+  done are added, scored sum / max_length**lp. The returned ids get the EOS back.
+- "hf": transformers 5.x (`_update_finished_beams`, `_check_early_stop_heuristic`), which
+  dlip matches id for id (tests/test_convert.py): score = sum(log p) / (generated tokens, EOS
+  counted, prompt not)**lp; at max_length the top-K candidates finish the same way; an item
+  stops when all K are finished and the best running beam's sum / (its generated
+  tokens)**lp cannot beat the worst of them.
+
+The rules differ systematically, not in rare near-ties. With lp = 1, an EOS-ended caption of
+m tokens is divided by m + 1 under "hf" and by L0 + m under "blip" (L0 = 4 for BLIP's
+"[DEC] a picture of"), so a caption of m2 > m1 tokens beats a shorter one only if its (more
+negative) sum is within a factor (m2 + 1) / (m1 + 1) of the shorter's under "hf", but within
+the smaller factor (L0 + m2) / (L0 + m1) under "blip": "blip" favours shorter captions
+(tests/test_beam_scoring.py has a decoder where the two pick different captions).
 """
 
 from __future__ import annotations
@@ -118,7 +130,13 @@ def _trim(row: list[int], eos_id: int, start: int = 1) -> list[int]:
     return row
 
 
-BEAM_SCORINGS = ("hf", "blip")
+BEAM_SCORINGS = ("blip", "hf")
+
+
+def check_beam_scoring(beam_scoring: str) -> None:
+    """Raise ValueError unless `beam_scoring` is one of BEAM_SCORINGS."""
+    if beam_scoring not in BEAM_SCORINGS:
+        raise ValueError(f"beam_scoring={beam_scoring!r}: expected one of {BEAM_SCORINGS}")
 
 
 def _merge_finished(fin: list[Tensor], cand_seq: Tensor, norm: Tensor, ok: Tensor, cur: int):
@@ -179,10 +197,12 @@ def beam_search(
     repetition_penalty: float,
     eos_id: int,
     length_penalty: float = 1.0,
-    beam_scoring: str = "hf",
+    beam_scoring: str = "blip",
 ) -> list[list[int]]:
-    if beam_scoring not in BEAM_SCORINGS:
-        raise ValueError(f"beam_scoring={beam_scoring!r}: one of {BEAM_SCORINGS}")
+    """Best finished id row per item: prompt + generated (+ EOS when it ended by EOS).
+    `beam_scoring` is "blip" (transformers 4.15, as BLIP ran it) or "hf" (transformers 5.x);
+    the module docstring gives both rules."""
+    check_beam_scoring(beam_scoring)
     b, l0 = prompt.shape
     k, dev = num_beams, prompt.device
     dec = _Decoder(model, image_tokens.repeat_interleave(k, dim=0))
@@ -256,9 +276,11 @@ def generate_ids(
     min_length: int,
     repetition_penalty: float,
     tokenizer,
-    beam_scoring: str = "hf",
+    beam_scoring: str = "blip",
 ) -> list[list[int]]:
-    """Token ids per image: [DEC] + prompt + generated (+ [SEP] when it ended by EOS)."""
+    """Token ids per image: [DEC] + prompt + generated (+ [SEP] when it ended by EOS).
+    `beam_scoring` ("blip" or "hf", see the module docstring) is checked even for greedy."""
+    check_beam_scoring(beam_scoring)
     image = model.encode_image(pixels).tokens
     ids = prompt_ids(tokenizer, prompt, pixels.shape[0], pixels.device)
     if max_length <= ids.shape[1]:
@@ -285,7 +307,7 @@ def generate_captions(
     min_length: int,
     repetition_penalty: float,
     tokenizer=None,
-    beam_scoring: str = "hf",
+    beam_scoring: str = "blip",
 ) -> list[str]:
     if tokenizer is None:
         from dlip.tokenizer import get_tokenizer

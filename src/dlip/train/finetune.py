@@ -184,6 +184,7 @@ def evaluate(cfg: FinetuneConfig, model: BLIP, split: EvalSet) -> dict[str, floa
     out = evaluate_captions(
         model, split, prompt=e.prompt, num_beams=e.num_beams, max_length=e.max_length,
         min_length=e.min_length, batch_size=e.batch_size, device=device,
+        beam_scoring=e.beam_scoring,
     )  # fmt: skip
     metrics = dict(out.get("metrics") or {})
     if not metrics:  # ranks other than 0 get no metrics
@@ -214,7 +215,8 @@ def test_best(cfg: FinetuneConfig, run_dir: Path) -> Path | None:
 
         run_caption_eval(
             str(best), test, str(root or "."), out, prompt=e.prompt, num_beams=e.num_beams,
-            max_length=e.max_length, min_length=e.min_length, **shared,
+            max_length=e.max_length, min_length=e.min_length, beam_scoring=e.beam_scoring,
+            **shared,
         )  # fmt: skip
     return out / "results.json"
 

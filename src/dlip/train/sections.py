@@ -292,9 +292,15 @@ class EvalSection:
     num_beams: int = 3
     max_length: int = 20  # generation lengths count the prompt tokens (BLIP)
     min_length: int = 5
+    # "blip": transformers 4.15's beam scoring, which BLIP's numbers came from; "hf": 5.x's
+    beam_scoring: str = "blip"
 
     def __post_init__(self) -> None:
+        from dlip.models.generation import BEAM_SCORINGS
+
         check_types(self, "eval")
+        if self.beam_scoring not in BEAM_SCORINGS:
+            raise ConfigError(f"eval.beam_scoring={self.beam_scoring!r}: one of {BEAM_SCORINGS}")
         for name in ("every_epochs", "batch_size", "k_test", "itm_batch", "num_beams"):
             require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), ">= 1")
         require(self.min_length <= self.max_length, "eval.min_length", self.min_length, "<= max")
