@@ -51,7 +51,7 @@ class _TableDecoder:
 def _run(monkeypatch, table: Table, scoring: str | None, k: int = 2, max_length: int = 9,
          min_length: int = 5, lp: float = 1.0) -> list[int]:  # fmt: skip
     """dlip's beam search on `table`; scoring None leaves the default. -> generated ids."""
-    monkeypatch.setattr(generation, "_Decoder", lambda model, image: _TableDecoder(table))
+    monkeypatch.setattr(generation, "_Decoder", lambda *_: _TableDecoder(table))
     kw = {} if scoring is None else {"beam_scoring": scoring}
     prompt, image = torch.tensor([PROMPT]), torch.zeros(1, 1, 1)
     out = generation.beam_search(

@@ -14,7 +14,8 @@ from dlip.config import ConfigError
 from dlip.models.blip import BLIP
 from dlip.models.config import ModelConfig, TextConfig, VisionConfig
 
-PRESETS = ["blip_base", "blip_large", "dlip_base", "dlip_small", "dlip_tiny", "test_tiny"]
+PRESETS = ["blip_base", "blip_base_vqa", "blip_large", "dlip_base", "dlip_base_vqa", "dlip_small",
+           "dlip_small_vqa", "dlip_tiny", "dlip_tiny_vqa", "test_tiny"]  # fmt: skip
 
 
 def preset_json(name: str) -> dict:

@@ -20,8 +20,8 @@ PUBLISHED = {"params": 0.224, "flops": 0.248, "speedup": 2.7, "source": "arXiv 2
 
 
 def default_models() -> list[str]:
-    """Every shipped preset except the test-only one."""
-    return [name for name in list_presets() if name != "test_tiny"]
+    """Every shipped preset except the test-only one and the VQA forms."""
+    return [n for n in list_presets() if n != "test_tiny" and not get_config(n).vqa]
 
 
 def ratios(info: dict, teacher: dict) -> dict[str, float]:

@@ -353,7 +353,7 @@ def evaluate_retrieval(
     if k < 1 or batch_size < 1 or itm_batch < 1:
         got = f"k={k}, batch_size={batch_size}, itm_batch={itm_batch}"
         raise ValueError(f"k, batch_size and itm_batch must be >= 1 (got {got})")
-    if not getattr(model.config, "has_encoder", True):
+    if not getattr(model.config, "has_itc", True):
         name = model.config.name
         raise ValueError(f"model {name!r} has no text encoder / ITM head (not a retrieval form)")
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -174,7 +174,7 @@ def graph_specs(model: BLIP) -> list[GraphSpec]:
     ids: Shape = ["batch", "seq"]
     specs = []
     image_out: dict[str, Shape] = {"image_embeds": ["batch", n, dv]}
-    if cfg.has_encoder:
+    if cfg.has_itc:
         image_out["image_feat"] = ["batch", e]
     specs.append(
         GraphSpec(
@@ -185,7 +185,7 @@ def graph_specs(model: BLIP) -> list[GraphSpec]:
             lambda d, g: (torch.randn(d["batch"], 3, s, s, generator=g),),
         )
     )
-    if cfg.has_encoder:
+    if cfg.has_itc:
         specs.append(
             GraphSpec(
                 "text_encoder",

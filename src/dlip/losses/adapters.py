@@ -319,7 +319,9 @@ class KDAdapters(nn.ModuleDict):
 def _check_towers(enabled: Sequence[str], student: ModelConfig, teacher: ModelConfig) -> None:
     for term in enabled:
         stream = PROJECTED_TERMS.get(term) or LAYER_TERMS.get(term, (None,))[0]
-        if term in ("kd_itc", "kd_itm") or stream in ("text", "fusion"):
+        if term in ("kd_itc", "kd_itm"):
+            need = "has_itc"
+        elif stream in ("text", "fusion"):
             need = "has_encoder"
         elif term == "kd_lm" or stream == "decoder":
             need = "has_decoder"

@@ -88,6 +88,10 @@ class ModelConfig:
     # has the decoder and LM head; the pretraining form has both.
     has_encoder: bool = True
     has_decoder: bool = True
+    # The VQA form (BLIP_VQA): the text encoder is the question encoder (no ITC projections,
+    # ITM head or temperature) and the decoder, untied, answers from the question encoder's
+    # states, so its cross-attention reads text.hidden_size-wide states, not image tokens.
+    vqa: bool = False
     # Preprocessing the model was trained with (the model carries it, transforms are built from it).
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
@@ -100,6 +104,16 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def vqa_form(self) -> ModelConfig:
+        """This architecture as BLIP_VQA holds it: both text towers, the decoder untied."""
+        text = dataclasses.replace(self.text, tie_decoder=False)
+        return self.replace(vqa=True, has_encoder=True, has_decoder=True, text=text)
+
+    @property
+    def has_itc(self) -> bool:
+        """ITC projections, ITM head and temperature: the encoder of a non-VQA model."""
+        return self.has_encoder and not self.vqa
 
     def with_image_size(self, image_size: int) -> ModelConfig:
         return self.replace(vision=dataclasses.replace(self.vision, image_size=image_size))
@@ -196,6 +210,12 @@ def _validate(cfg: ModelConfig) -> None:
         )
     if not (cfg.has_encoder or cfg.has_decoder):
         raise ConfigError("a model needs has_encoder or has_decoder")
+    if cfg.vqa and not (cfg.has_encoder and cfg.has_decoder):
+        raise ConfigError("vqa=true needs the question encoder and the answer decoder "
+                          "(has_encoder and has_decoder true)")  # fmt: skip
+    if cfg.vqa and t.tie_decoder:
+        raise ConfigError("vqa=true needs text.tie_decoder=false: BLIP_VQA's answer decoder "
+                          "has its own weights (ModelConfig.vqa_form() sets both)")  # fmt: skip
     if cfg.max_text_length > t.max_position_embeddings:
         raise ConfigError(
             f"max_text_length {cfg.max_text_length} exceeds "

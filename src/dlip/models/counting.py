@@ -75,7 +75,8 @@ def param_counts(model: BLIP) -> ParamCounts:
                 fusion_mods.append(layer)
         text = count(text_mods)
         fusion = count(fusion_mods)
-        heads = count([model.vision_proj, model.text_proj, model.itm_head, model.temp])
+        if cfg.has_itc:
+            heads = count([model.vision_proj, model.text_proj, model.itm_head, model.temp])
     decoder_only = count([model.text_decoder]) if cfg.has_decoder else 0
     captioning = 0
     if cfg.has_decoder:
@@ -87,7 +88,7 @@ def param_counts(model: BLIP) -> ParamCounts:
         fusion=fusion,
         decoder_only=decoder_only,
         heads=heads,
-        retrieval=vision + text + fusion + heads if cfg.has_encoder else 0,
+        retrieval=vision + text + fusion + heads if cfg.has_itc else 0,
         captioning=captioning,
         total=total,
     )
@@ -179,7 +180,7 @@ def flop_counts(config: ModelConfig, text_len: int = 30) -> dict[str, int]:
     mask = torch.ones(1, text_len, dtype=torch.long, device=dev)
     image_tokens = model.encode_image(pixels).tokens
     out = {"image_embed": _flops(lambda: model.encode_image(pixels))}
-    if cfg.has_encoder:
+    if cfg.has_itc:
         out["text_embed"] = _flops(lambda: model.encode_text(ids, mask))
         out["itm_pair"] = _flops(lambda: model.itm_logits(image_tokens, ids, mask))
     if cfg.has_decoder:

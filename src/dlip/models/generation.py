@@ -56,15 +56,18 @@ def _repetition_penalty(scores: Tensor, seqs: Tensor, penalty: float) -> Tensor:
 class _Decoder:
     """Runs the model's decoder one chunk at a time over a KV cache."""
 
-    def __init__(self, model, image_tokens: Tensor) -> None:
+    def __init__(self, model, image_tokens: Tensor, source_mask: Tensor | None = None) -> None:
         self.model = model
         self.image = image_tokens  # (B', N, D); None after the first call (K/V cached)
+        self.source_mask = source_mask  # (B', N) 1 = attend (VQA: question padding 0)
         self.cache = KVCache.empty(model.config.text.num_layers)
 
     def step(self, ids: Tensor, total_len: int) -> Tensor:
         """(B', T) new ids -> (B', V) float32 logits of the last position."""
         mask = torch.ones(ids.shape[0], total_len, dtype=torch.long, device=ids.device)
-        states = self.model.decode(self.image, ids, mask, cache=self.cache).tokens[:, -1:]
+        states = self.model.decode(
+            self.image, ids, mask, cache=self.cache, source_mask=self.source_mask
+        ).tokens[:, -1:]
         self.image = None
         return self.model.text_decoder.cls(states)[:, -1].float()
 
@@ -79,10 +82,11 @@ def token_by_token(
     repetition_penalty: float,
     eos_id: int,
     choose: Callable[[Tensor], Tensor],  # (B, V) adjusted logits -> (B,) next ids
+    source_mask: Tensor | None = None,  # (B, N) cross-attention mask (VQA question padding)
 ) -> list[list[int]]:
     """One token per row and step over the KV cache until every row has ended: greedy search
     with `choose=argmax`, nucleus sampling with `choose=nucleus(top_p, ...)`."""
-    dec = _Decoder(model, image_tokens)
+    dec = _Decoder(model, image_tokens, source_mask)
     seqs = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     logits = dec.step(prompt, prompt.shape[1])
@@ -198,6 +202,7 @@ def beam_search(
     eos_id: int,
     length_penalty: float = 1.0,
     beam_scoring: str = "blip",
+    source_mask: Tensor | None = None,  # (B, N) cross-attention mask (VQA question padding)
 ) -> list[list[int]]:
     """Best finished id row per item: prompt + generated (+ EOS when it ended by EOS).
     `beam_scoring` is "blip" (transformers 4.15, as BLIP ran it) or "hf" (transformers 5.x);
@@ -205,7 +210,8 @@ def beam_search(
     check_beam_scoring(beam_scoring)
     b, l0 = prompt.shape
     k, dev = num_beams, prompt.device
-    dec = _Decoder(model, image_tokens.repeat_interleave(k, dim=0))
+    mask = None if source_mask is None else source_mask.repeat_interleave(k, dim=0)
+    dec = _Decoder(model, image_tokens.repeat_interleave(k, dim=0), mask)
     run_seq = prompt.repeat_interleave(k, dim=0).view(b, k, l0)  # (B, K, L)
     run_score = torch.zeros(b, k, device=dev)
     run_score[:, 1:] = NEG  # all beams start identical: only the first may expand

@@ -165,8 +165,12 @@ def task_form(model, form: str):
     that form comes back as it is."""
     from dlip.models.blip import BLIP
 
+    if form == "vqa":
+        return vqa_form(model)
     if form not in FORMS:
-        raise ValueError(f"unknown model form {form!r}; forms are {sorted(FORMS)}")
+        raise ValueError(f"unknown model form {form!r}; forms are {[*sorted(FORMS), 'vqa']}")
+    if model.config.vqa:
+        raise ValueError(f"model '{model.config.name}' is a VQA form: it has no {form} form")
     enc, dec = FORMS[form]
     c = model.config
     if (c.has_encoder, c.has_decoder) == (enc, dec):
@@ -180,5 +184,46 @@ def task_form(model, form: str):
     if missing:
         raise CheckpointError(f"'{c.name}' lacks tensors of its {form} form: {missing}")
     out.load_state_dict({k: full[k] for k in out.state_dict()}, strict=True)
+    param = next(model.parameters())
+    return out.to(param.device, param.dtype).train(model.training)
+
+
+# The pretraining tensors BLIP_VQA has no place for.
+_ITC_HEADS = ("vision_proj.", "text_proj.", "itm_head.", "temp")
+
+
+def vqa_form(model):
+    """`model` as BLIP_VQA starts from a pretraining checkpoint (salesforce/BLIP blip_vqa.py):
+    the ViT, the text encoder as question encoder and the decoder as answer decoder, its
+    tensors shared with the encoder becoming its own copies; the ITC / ITM heads dropped. The
+    answer decoder's cross-attention keys/values read question states, so they are copied only
+    when the vision width equals the text width (BLIP's models); otherwise they start from BERT
+    init and a warning names them. A VQA model comes back as it is."""
+    import warnings
+
+    from dlip.models.blip import BLIP
+
+    c = model.config
+    if c.vqa:
+        return model
+    if not (c.has_encoder and c.has_decoder):
+        raise ValueError(
+            f"model '{c.name}' has no VQA form: it needs the text encoder and the decoder "
+            f"(has_encoder={c.has_encoder}, has_decoder={c.has_decoder}); start from a "
+            "pretraining checkpoint or preset"
+        )
+    out = BLIP(c.vqa_form())
+    full, own = model.state_dict(), out.state_dict()
+    dropped = [k for k in full if k not in own and not k.startswith(_ITC_HEADS)]
+    if dropped:
+        raise CheckpointError(f"'{c.name}' tensors with no place in its VQA form: {dropped}")
+    fresh = [k for k, v in own.items() if k not in full or full[k].shape != v.shape]
+    out.load_state_dict({k: v if k in fresh else full[k] for k, v in own.items()}, strict=True)
+    if fresh:
+        warnings.warn(
+            f"VQA form of '{c.name}': {len(fresh)} answer-decoder tensors start from BERT init "
+            f"(vision width {c.vision.width} != text width {c.text.hidden_size}): {fresh}",
+            stacklevel=2,
+        )
     param = next(model.parameters())
     return out.to(param.device, param.dtype).train(model.training)

@@ -255,7 +255,7 @@ class TextModel(nn.Module):
             keep = keep & causal_keep(t, past_len, x.device)[None, None]
         self_mask = additive_mask(keep, dtype)
         image_add = None  # None: every image token is attended
-        if image is not None and image_mask is not None:
+        if image_mask is not None:  # also for cached cross K/V (image None after step 1)
             image_add = additive_mask(image_mask[:, None, None, :], dtype)
         out = TextOutput(tokens=x)
         for i in layers:

@@ -40,7 +40,7 @@ def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask
     adapters = build_adapters(cfg, student_config, teacher)
     student = create_model(student_config)
     apply_init(student, cfg.model.init, teacher)  # before the momentum copy in PretrainTask
-    if cfg.model.temp_init is not None and student.config.has_encoder:
+    if cfg.model.temp_init is not None and student.config.has_itc:
         with torch.no_grad():
             student.temp.fill_(cfg.model.temp_init)
     student.set_grad_checkpointing(cfg.model.grad_checkpointing)

@@ -80,8 +80,10 @@ class PretrainTask(nn.Module):
         self.use_itm = "itm" in objectives or bool(enabled & _FUSION_TERMS)
         self.use_itc = "itc" in objectives or self.use_itm or bool(enabled & _TEXT_TERMS)
         self.use_lm = "lm" in objectives or bool(enabled & _DECODER_TERMS)
-        if self.use_itc and not student.config.has_encoder:
-            raise ValueError("ITC/ITM (or their KD terms) need a student with has_encoder=True")
+        if self.use_itc and not student.config.has_itc:
+            raise ValueError(
+                "ITC/ITM (or their KD terms) need a student with ITC heads (has_encoder, not VQA)"
+            )
         if self.use_lm and not student.config.has_decoder:
             raise ValueError("the LM loss (or a decoder KD term) needs a student with has_decoder")
         self.prompt_length = prompt_length
