@@ -236,7 +236,11 @@ def _salesforce_state(layout: str, grid: int = 2) -> dict[str, torch.Tensor]:
     """A state dict with BLIP's own key names (models/blip*.py + med.py) at test_tiny sizes.
 
     Checked against the state_dict() of BLIP's own classes (salesforce/BLIP @056a169) built at
-    these sizes: the key sets are identical for all three layouts.
+    these sizes: the key sets are identical for the pretrain, retrieval and caption layouts.
+    "vqa" is BLIP_VQA's (models/blip_vqa.py): text_encoder a BertModel without pooler (so no
+    ITC / ITM heads), text_decoder a BertLMHeadModel with its own weights, whose
+    cross-attention reads text-width question states; its 151 keys and shapes are those of
+    BLIP_VQA itself built at these sizes (same commit, ViT and med_config shrunk to test_tiny).
     """
     cfg = dlip.get_config("test_tiny")
     v, t = cfg.vision.width, cfg.text.hidden_size
@@ -307,6 +311,12 @@ def _salesforce_state(layout: str, grid: int = 2) -> dict[str, torch.Tensor]:
         dec_self.update(attention(f"{p}.attention", t))
 
     state = {f"visual_encoder.{k}": x for k, x in vis.items()}
+    if layout == "vqa":
+        state |= {f"text_encoder.{k}": x for k, x in {**shared, **enc_self}.items()}
+        dec_shared = {k: r(*x.shape) if x.is_floating_point() else x for k, x in shared.items()}
+        for i in range(cfg.text.num_layers):
+            dec_shared.update(attention(f"encoder.layer.{i}.crossattention", t))
+        shared = dec_shared
     if layout in ("pretrain", "retrieval"):
         state |= {f"text_encoder.{k}": x for k, x in {**shared, **enc_self}.items()}
         state |= {"vision_proj.weight": r(e, v), "vision_proj.bias": r(e)}
@@ -328,9 +338,9 @@ def _salesforce_state(layout: str, grid: int = 2) -> dict[str, torch.Tensor]:
         state |= {"idx_queue": idx_queue, "ptr_queue": torch.zeros(1, dtype=torch.long)}
     if layout == "pretrain":
         state |= {"queue_ptr": torch.zeros(1, dtype=torch.long)}
-    if layout in ("pretrain", "caption"):
+    if layout in ("pretrain", "caption", "vqa"):
         # BLIP ties decoder <-> encoder except self-attention; the file stores both copies.
-        dec_shared = shared if layout == "pretrain" else {k: x.clone() for k, x in shared.items()}
+        dec_shared = shared if layout != "caption" else {k: x.clone() for k, x in shared.items()}
         dec = {**dec_shared, **dec_self}
         state |= {f"text_decoder.bert.{k}": x for k, x in dec.items()}
         bias = r(vocab)

@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_beam_scoring import REFERENCES
 
 import dlip
 from dlip.config import ConfigError
@@ -17,6 +16,7 @@ from dlip.models import vqa
 from dlip.models.blip import BLIP
 from dlip.models.io import task_form, vqa_form
 from dlip.tokenizer import get_tokenizer
+from test_beam_scoring import REFERENCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,8 +93,9 @@ def test_loss_is_blips_weighted_sum_over_questions(model, tok, pixels):
     # two questions: the first with 3 distinct answers, the second with 1 (BLIP's n = [3, 1])
     answers, weights, n = ["red", "blue", "red circle", "yes"], [0.6, 0.3, 0.1, 1.0], [3, 1]
     states, qmask = _states(model, tok, pixels[:2], QUESTIONS[:2])
-    states, qmask = states.repeat_interleave(torch.tensor(n), 0), qmask.repeat_interleave(
-        torch.tensor(n), 0
+    states, qmask = (
+        states.repeat_interleave(torch.tensor(n), 0),
+        qmask.repeat_interleave(torch.tensor(n), 0),
     )
     ids, amask = vqa.answer_inputs(tok, answers)
     logits = vqa.answer_logits(model, states, qmask, ids, amask)
@@ -218,7 +219,7 @@ def test_questions_get_blips_pre_question_and_enc(tok):
     assert ids[0, 0] == tok.enc_token_id and ids[1, 0] == tok.enc_token_id
     assert tok.decode(ids[0, 1:], skip_special_tokens=True) == "what color is it?!"
     assert mask.tolist()[1][-1] == 0  # padded to the longest
-    a_ids, a_mask = vqa.answer_inputs(tok, ["yes", "red circle"])
+    a_ids, _ = vqa.answer_inputs(tok, ["yes", "red circle"])
     assert a_ids[:, 0].tolist() == [tok.bos_token_id] * 2
     assert a_ids[0].tolist()[:3] == [tok.bos_token_id, tok.encode("yes")[1], tok.sep_token_id]
 

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize pos_embed to this size")
     p.add_argument(
         "--form",
-        choices=["captioning", "retrieval"],
+        choices=["captioning", "retrieval", "vqa"],
         default=None,
         help="--to hf: which transformers class to write (default: every form the model has)",
     )

@@ -131,6 +131,8 @@ def salesforce_config(state: dict[str, Tensor], arch: str, image_size: int | Non
     has_decoder = any(k.startswith("text_decoder.") for k in state)
     grid = round((state["visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
     config = config.replace(has_encoder=has_encoder, has_decoder=has_decoder)
+    if has_encoder and has_decoder and "itm_head.weight" not in state:
+        config = config.vqa_form()  # BLIP_VQA: both text towers, no ITC / ITM heads
     config = config.with_image_size(grid * config.vision.patch_size)
     return config.with_image_size(image_size) if image_size else config
 
@@ -152,6 +154,7 @@ def hf_config_to_dlip(hf: dict, name: str) -> ModelConfig:
     forms = {
         "BlipForImageTextRetrieval": (True, False),
         "BlipForConditionalGeneration": (False, True),
+        "BlipForQuestionAnswering": (True, True),
     }
     if arch not in forms:
         raise CheckpointError(
@@ -189,7 +192,12 @@ def hf_config_to_dlip(hf: dict, name: str) -> ModelConfig:
         dropout=t.get("hidden_dropout_prob", 0.0),
     )
     has_encoder, has_decoder = forms[arch]
-    return ModelConfig(
+    if arch == "BlipForQuestionAnswering" and text.hidden_size != v_width:
+        raise CheckpointError(
+            f"{arch}: text hidden_size {text.hidden_size} != vision width {v_width} (the answer "
+            "decoder's cross-attention reads the question states at the vision width there)"
+        )
+    config = ModelConfig(
         name=name,
         vision=vision,
         text=text,
@@ -198,6 +206,7 @@ def hf_config_to_dlip(hf: dict, name: str) -> ModelConfig:
         has_decoder=has_decoder,
         max_text_length=min(35, text.max_position_embeddings),
     )
+    return config.vqa_form() if arch == "BlipForQuestionAnswering" else config
 
 
 def read_hf_weights(directory: Path) -> dict[str, Tensor]:
@@ -229,7 +238,7 @@ def convert_hf(
         config = config.replace(vision=vision)
     state = read_hf_weights(directory)
     model = BLIP(config)
-    if config.has_encoder:
+    if config.has_itc:
         # HF has no ITC temperature; BLIP's initial value stands in (only training uses it).
         state = {**state, "temp": model.temp.detach().clone()}
     if config.has_decoder and "text_decoder.cls.predictions.decoder.weight" not in state:
@@ -247,6 +256,11 @@ def dlip_config_to_hf(config: ModelConfig, architecture: str) -> dict:
         raise CheckpointError(
             f"{config.name}: HF BLIP has cross-attention in every text layer; "
             f"fusion_layers={t.fusion_layers} cannot be exported"
+        )
+    if config.vqa and t.hidden_size != v.width:
+        raise CheckpointError(
+            f"{config.name}: BlipForQuestionAnswering's answer decoder cross-attends at the vision "
+            f"width; text width {t.hidden_size} != vision width {v.width} cannot be exported"
         )
     if (v.width * v.mlp_ratio) % 1:
         raise CheckpointError(
@@ -289,16 +303,19 @@ def dlip_config_to_hf(config: ModelConfig, architecture: str) -> dict:
 HF_CLASSES = {
     "retrieval": "BlipForImageTextRetrieval",
     "captioning": "BlipForConditionalGeneration",
+    "vqa": "BlipForQuestionAnswering",
 }
 
 
 def export_hf(model: BLIP, out: str | Path, form: str) -> Path:
-    """Write `model` as a transformers BLIP directory (`form`: retrieval | captioning)."""
+    """Write `model` as a transformers BLIP directory (`form`: retrieval | captioning | vqa)."""
     import transformers
 
-    needs = "has_encoder" if form == "retrieval" else "has_decoder"
-    if not getattr(model.config, needs):
-        raise CheckpointError(f"model {model.config.name!r} has {needs}=False: no {form} form")
+    if form not in model_forms(model.config):
+        raise CheckpointError(
+            f"model {model.config.name!r} has no {form} form (its forms: "
+            f"{', '.join(model_forms(model.config))})"
+        )
     cls_name = HF_CLASSES[form]
     hf_cfg = transformers.BlipConfig(**dlip_config_to_hf(model.config, cls_name))
     hf = getattr(transformers, cls_name)(hf_cfg)
@@ -329,10 +346,13 @@ def _form_params(model: BLIP, form: str) -> list[tuple[str, Tensor]]:
     names = ["visual_encoder"]
     names += ["text_encoder", "vision_proj", "text_proj", "itm_head"] if form == "retrieval" else []
     names += ["text_decoder"] if form == "captioning" else []
+    names += ["text_encoder", "text_decoder"] if form == "vqa" else []
     return [(f"{n}.{k}", p) for n in names for k, p in getattr(model, n).named_parameters()]
 
 
 def model_forms(config: ModelConfig) -> list[str]:
+    if config.vqa:
+        return ["vqa"]
     return [
         f
         for f, has in (("retrieval", config.has_encoder), ("captioning", config.has_decoder))
