@@ -1,8 +1,11 @@
-"""`dlip eval retrieval|caption`: the arguments of dlip.eval's `run_retrieval_eval` and
-`run_caption_eval`, imported when the command runs (so `dlip --help` stays light).
+"""`dlip eval retrieval|caption|vqa`: the arguments of dlip.eval's `run_retrieval_eval`,
+`run_caption_eval` and `run_vqa_eval`, imported when the command runs (so `dlip --help` stays
+light).
 
     dlip eval retrieval --model DIR --data KARPATHY_TEST.json --images ROOT --out DIR [--k K]
     dlip eval caption   --model DIR --data KARPATHY_TEST.json --images ROOT --out DIR
+    dlip eval vqa       --model DIR --data vqa_val.json --images COCO --out DIR \
+                        [--mode rank|generate] [--answers answer_list.json]
     torchrun --nproc_per_node=N -m dlip eval retrieval ...   (rows sharded across ranks)
 """
 
@@ -15,7 +18,11 @@ from dlip.cli.common import add_beam_scoring
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="saved model directory or preset name")
-    p.add_argument("--data", required=True, help="Karpathy-format val/test json")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="Karpathy val/test json (vqa: BLIP's vqa_*.json or a `dlip data build vqa` jsonl)",
+    )
     p.add_argument("--images", required=True, help="image root the json's paths are under")
     p.add_argument("--out", required=True, help="output directory (results.json, results.md)")
     p.add_argument("--batch-size", type=int, default=64, help="images / texts per forward")
@@ -32,7 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate retrieval (recall@k) or captioning (COCO metrics)")
+    p = sub.add_parser(
+        "eval", help="evaluate retrieval (recall@k), captioning (COCO metrics) or VQA (accuracy)"
+    )
     tasks = p.add_subparsers(dest="task", required=True)
 
     r = tasks.add_parser(
@@ -60,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--spice", action="store_true", help="also SPICE (needs its CoreNLP jar)")
     add_beam_scoring(c)
     c.set_defaults(func=cmd_eval_caption)
+    register_vqa(tasks)
 
 
 def _shared(args: argparse.Namespace) -> dict:
@@ -90,4 +100,40 @@ def cmd_eval_caption(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty, spice=args.spice,
         beam_scoring=args.beam_scoring, **_shared(args),
     )  # fmt: skip
+    return 0
+
+
+def register_vqa(tasks: argparse._SubParsersAction) -> None:
+    q = tasks.add_parser(
+        "vqa",
+        help="VQA accuracy (the official evaluation) + the result file for the VQAv2 server",
+        description="BLIP's VQA inference: rank the answer list (first-token top-k re-scored "
+        "by the whole answer) or generate answers by beam search; sharded over torchrun ranks.",
+    )
+    _common(q)
+    q.set_defaults(batch_size=32)
+    q.add_argument("--mode", default="rank", choices=["rank", "generate"])
+    q.add_argument("--answers", default=None, help="BLIP's answer_list.json (rank mode)")
+    q.add_argument("--k-test", type=int, default=128, help="rank: candidates re-scored whole")
+    q.add_argument("--num-beams", type=int, default=3)
+    q.add_argument("--max-length", type=int, default=10, help="tokens, [DEC] included")
+    q.add_argument("--min-length", type=int, default=1)
+    q.add_argument("--vg-images", default=None, help="Visual Genome root (BLIP's vg rows)")
+    add_beam_scoring(q)
+    q.set_defaults(func=cmd_eval_vqa)
+
+
+def cmd_eval_vqa(args: argparse.Namespace) -> int:
+    from dlip.distributed import close_process_group
+    from dlip.eval.vqa_eval import run_vqa_eval
+
+    shared = _shared(args)
+    shared.pop("dataset")
+    run_vqa_eval(
+        args.model, args.data, args.images, args.out, mode=args.mode, answers=args.answers,
+        k_test=args.k_test, num_beams=args.num_beams, max_length=args.max_length,
+        min_length=args.min_length, beam_scoring=args.beam_scoring, vg_images=args.vg_images,
+        **shared,
+    )  # fmt: skip
+    close_process_group()
     return 0

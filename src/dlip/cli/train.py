@@ -1,7 +1,7 @@
 """`dlip pretrain` and `dlip finetune`: run configs from a yaml diff and key=value overrides.
 
     dlip pretrain --config configs/pretrain/tiny_synth.yaml run_dir=runs/s [--resume latest]
-    dlip finetune retrieval|caption --config YAML model.checkpoint=DIR [--resume latest]
+    dlip finetune retrieval|caption|vqa --config YAML model.checkpoint=DIR [--resume latest]
     torchrun --nproc_per_node=N -m dlip pretrain ...   (the same arguments, DDP)
 
 `pretrain_main(argv)` / `finetune_main(argv)` run a command from an argument list and let
@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _run_arguments(p)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="finetune for retrieval or captioning (torchrun too)")
-    p.add_argument("task", choices=["retrieval", "caption"])
+    p = sub.add_parser("finetune", help="finetune for retrieval, captioning or VQA (torchrun too)")
+    p.add_argument("task", choices=["retrieval", "caption", "vqa"])
     _run_arguments(p)
     p.add_argument("--no-test", action="store_true", help="skip the final data.test eval")
     p.set_defaults(func=cmd_finetune)

@@ -238,3 +238,24 @@ class EvalImageDataset(Dataset):
         except BadSample as err:
             raise ValueError(f"evaluation image {self.images[index]}: {err}") from None
         return {"image": self.transform(image), "image_id": self.image_ids[index], "index": index}
+
+
+class VQAEvalDataset(Dataset):
+    """VQA evaluation questions (rows of `dlip.data.vqa`): {"image", "question",
+    "question_id", "index"}; the question is passed as written (`BLIP.answer` applies
+    `pre_question`). A bad image is an error naming the file, not a skip."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], transform: Transform) -> None:
+        self.rows, self.transform = list(rows), transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        try:
+            image = decode_image(row["image"])
+        except BadSample as err:
+            raise ValueError(f"evaluation image {row['image']}: {err}") from None
+        return {"image": self.transform(image), "question": row["question"],
+                "question_id": row["question_id"], "index": index}  # fmt: skip

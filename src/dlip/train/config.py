@@ -41,7 +41,7 @@ from dlip.train.sections import (
 
 # Command-line shortcuts (issue 4's command forms) -> full dotted keys.
 ALIASES = {"run_dir": "run.run_dir", "max_steps": "run.max_steps"}
-TASKS = ("retrieval", "caption")
+TASKS = ("retrieval", "caption", "vqa")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ FINETUNE_OPTIM = OptimSection(lr=1e-5, min_lr=0.0, warmup_steps=0, schedule="cos
 class FinetuneConfig:
     """One finetuning run: the task, model, optional finetuned teacher, data, losses, eval."""
 
-    task: Literal["retrieval", "caption"] = "retrieval"
+    task: Literal["retrieval", "caption", "vqa"] = "retrieval"
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
@@ -140,7 +140,7 @@ class FinetuneConfig:
 
     @property
     def objectives(self) -> tuple[str, ...]:
-        return ("itc", "itm") if self.task == "retrieval" else ("lm",)
+        return {"retrieval": ("itc", "itm"), "caption": ("lm",), "vqa": ("vqa",)}[self.task]
 
     def validate(self) -> FinetuneConfig:
         """Checks across fields; one ConfigError listing every problem, before step 1."""
@@ -150,7 +150,7 @@ class FinetuneConfig:
             errors.append("set exactly one of model.checkpoint (a saved model) and model.preset")
         elif m.checkpoint and not Path(m.checkpoint).is_dir():
             errors.append(f"model.checkpoint={m.checkpoint!r} is not a directory")
-        train, val, _, _ = d.files()
+        train, val, _, _ = d.files(self.task == "vqa")
         if not train:
             errors.append("no training data: set data.train (or data.synth_dir)")
         if val is None:
@@ -165,6 +165,8 @@ class FinetuneConfig:
             errors.append("caption finetuning with loss.lm=0 trains nothing")
         if self.task == "retrieval" and self.loss.itc + self.loss.itm <= 0:
             errors.append("retrieval finetuning with loss.itc=loss.itm=0 trains nothing")
+        if self.task == "vqa":
+            errors += self._vqa_errors()
         if not errors:
             try:
                 self._check_model(self.model_config())
@@ -174,10 +176,33 @@ class FinetuneConfig:
             raise ConfigError("invalid finetuning config:\n  " + "\n  ".join(errors))
         return self
 
+    def _vqa_errors(self) -> list[str]:
+        errors = []
+        if self.loss.vqa <= 0:
+            errors.append("vqa finetuning with loss.vqa=0 trains nothing")
+        answers = self.data.answers_file()
+        if self.eval.vqa_mode == "rank" and answers is None:
+            errors.append("eval.vqa_mode=rank needs data.answer_list (BLIP's answer_list.json)")
+        elif self.data.synth_dir is None and answers and not Path(answers).is_file():
+            errors.append(f"data.answer_list: {answers} not found")
+        if self.data.vg_root is not None and not Path(self.data.vg_root).is_dir():
+            errors.append(f"data.vg_root: {self.data.vg_root} is not a directory")
+        return errors
+
     def _check_model(self, config: ModelConfig) -> None:
-        need = "has_encoder" if self.task == "retrieval" else "has_decoder"
-        if not getattr(config, need):
-            raise ConfigError(f"{self.task} finetuning needs a model with {need}=True")
+        if self.task == "vqa":
+            if not (config.has_encoder and config.has_decoder):
+                raise ConfigError(
+                    "vqa finetuning needs a model with both text towers (a pretraining "
+                    "checkpoint or preset, or a VQA model)"
+                )
+        else:
+            need = "has_itc" if self.task == "retrieval" else "has_decoder"
+            if not getattr(config, need) or config.vqa:
+                raise ConfigError(
+                    f"{self.task} finetuning needs a model with "
+                    f"{'has_encoder' if need == 'has_itc' else need}=True (not a VQA model)"
+                )
         if self.data.max_length > config.text.max_position_embeddings:
             raise ConfigError(
                 f"data.max_length={self.data.max_length} exceeds the model's "

@@ -13,6 +13,7 @@ What differs from pretraining is only what the task module runs and what the loo
 - caption: LM on `prompt + caption`, the prompt's tokens given and not predicted
   (`prompt_length` = [DEC] + prompt tokens, BLIP's 4 for "a picture of "); generation in
   validation starts from the same prompt.
+- vqa: BLIP_VQA's answer loss (dlip.train.vqa, which holds its task, data and validation).
 - optional KD from a finetuned teacher: the same `loss.kd` terms and weights as pretraining
   (retrieval: ITC/ITM/encoder terms; caption: LM/decoder terms; a term of the other task is a
   config error).
@@ -34,7 +35,7 @@ from dlip.losses.adapters import terms_of
 from dlip.models.blip import BLIP
 from dlip.train.config import FinetuneConfig
 from dlip.train.loop import Job, run
-from dlip.train.task import PretrainTask, build_adapters
+from dlip.train.task import PretrainTask, build_adapters, load_student
 
 # KD terms of the other task are config errors (image terms serve both).
 _FOREIGN_TERMS = {"retrieval": terms_of("decoder"), "caption": terms_of("text", "fusion")}
@@ -46,21 +47,6 @@ def prompt_length(prompt: str) -> int:
 
     ids = get_tokenizer()([prompt], padding="longest")["input_ids"][0]  # [CLS] ... [SEP]
     return int(ids.shape[0]) - 1
-
-
-def load_student(cfg: FinetuneConfig) -> BLIP:
-    """The model to finetune, in the task's form (a pretraining checkpoint holds both towers;
-    each task trains one, as BLIP's finetuning classes do), at the run's image size (pos_embed
-    resized when it changes)."""
-    from dlip.models.io import resolve, task_form
-
-    m = cfg.model
-    form = "retrieval" if cfg.task == "retrieval" else "captioning"
-    model = task_form(resolve(str(m.checkpoint or m.preset)), form)
-    if m.image_size is not None and m.image_size != model.config.vision.image_size:
-        model.set_image_size(m.image_size)
-    model.set_grad_checkpointing(m.grad_checkpointing)
-    return model
 
 
 def build_task(cfg: FinetuneConfig, teacher: BLIP | None = None) -> PretrainTask:
@@ -244,6 +230,9 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, test: bool = True) 
     """Finetune as `cfg` says, then (with `test` and data.test) evaluate the best model on the
     test split; returns run_dir/final."""
 
+    if cfg.task == "vqa":
+        return _finetune_vqa(cfg, resume, test)
+
     def loader_then_check(cfg: FinetuneConfig, model_config: Any) -> DataLoader:
         out = build_loader(cfg, model_config)  # builds data.synth_dir first when it is absent
         check_eval_splits(cfg, test)
@@ -253,4 +242,19 @@ def finetune(cfg: FinetuneConfig, resume: str | None = None, test: bool = True) 
     final = run(cfg, job, resume=resume)
     if test:
         test_best(cfg, Path(cfg.run.run_dir))
+    return final
+
+
+def _finetune_vqa(cfg: FinetuneConfig, resume: str | None, test: bool) -> Path:
+    from dlip.train import vqa
+
+    def loader_then_check(cfg: FinetuneConfig, model_config: Any) -> DataLoader:
+        out = vqa.build_vqa_loader(cfg, model_config)  # builds the synthetic set first
+        vqa.check_vqa_splits(cfg, test)
+        return out
+
+    job = Job(vqa.build_vqa_task, loader_then_check, vqa.validate_vqa_fn(cfg))  # type: ignore[arg-type]
+    final = run(cfg, job, resume=resume)
+    if test:
+        vqa.test_best_vqa(cfg, Path(cfg.run.run_dir))
     return final

@@ -95,6 +95,7 @@ def loss_weights(cfg: PretrainConfig) -> dict[str, float]:
         "loss_itc": cfg.loss.itc,
         "loss_itm": cfg.loss.itm,
         "loss_lm": cfg.loss.lm,
+        "loss_vqa": cfg.loss.vqa,
         **kd_weights,
     }
 
@@ -192,7 +193,12 @@ def epoch_batches(loader: DataLoader, epoch: int, skip_batches: int) -> Iterator
 
 def to_inputs(batch: Mapping[str, Any], tokenizer, max_length: int, device) -> dict[str, Tensor]:
     """A collated batch -> the task's inputs (captions tokenized here, never in forward);
-    `image_idx` (retrieval finetuning) is passed through."""
+    `image_idx` (retrieval finetuning) is passed through; VQA batches (a "question" field) get
+    BLIP's question / answer layout (`dlip.train.vqa.vqa_inputs`)."""
+    if "question" in batch:
+        from dlip.train.vqa import vqa_inputs
+
+        return vqa_inputs(batch, tokenizer, device)
     tok = tokenizer(batch["caption"], max_length=max_length, padding="longest")
     out = {
         "image": batch["image"].to(device, non_blocking=True),

@@ -133,6 +133,7 @@ class LossSection:
     itc: float = 1.0  # loss_itc (BLIP sums the three with equal weights)
     itm: float = 1.0  # loss_itm
     lm: float = 1.0  # loss_lm
+    vqa: float = 1.0  # loss_vqa (VQA finetuning: BLIP's weighted answer loss)
     itm_all_ranks: bool = False  # hard negatives from all ranks (BLIP: retrieval on, pretrain off)
     momentum_distill: bool = True  # BLIP's momentum encoder + feature queue + soft ITC targets
     queue_size: int = 57600
@@ -142,7 +143,7 @@ class LossSection:
 
     def __post_init__(self) -> None:
         check_types(self, "loss")
-        for name in ("itc", "itm", "lm"):
+        for name in ("itc", "itm", "lm", "vqa"):
             value = getattr(self, name)
             require(0 <= value < math.inf, f"loss.{name}", value, "a finite number >= 0")
         require(self.queue_size >= 0, "loss.queue_size", self.queue_size, ">= 0")
@@ -249,13 +250,16 @@ class FinetuneModelSection:
 
 @dataclass(frozen=True)
 class FinetuneDataSection:
-    """Karpathy splits: train (json or manifest jsonl), val for model selection, test at the end."""
+    """Karpathy splits: train (json or manifest jsonl), val for model selection, test at the end.
+    VQA: BLIP's vqa_*.json / vg_qa.json or `dlip data build vqa` jsonl, and the answer list."""
 
     # Karpathy train json(s) (paths under `image_root`) or manifests from `dlip data build`.
     train: tuple[str, ...] = ()
     val: str | None = None  # Karpathy val json: validated every `eval.every_epochs`
     test: str | None = None  # Karpathy test json: the best checkpoint is evaluated on it at the end
-    image_root: str | None = None  # root the json image paths are under
+    image_root: str | None = None  # root the json image paths are under (VQA: COCO's)
+    vg_root: str | None = None  # VQA: Visual Genome image root of BLIP's vg_qa.json rows
+    answer_list: str | None = None  # VQA: BLIP's answer_list.json, the rank-mode candidates
     # `dlip data synth` output (train/val/test json + images), built here if absent.
     synth_dir: str | None = None
     synth_images: int = 1000
@@ -271,13 +275,23 @@ class FinetuneDataSection:
     def __post_init__(self) -> None:
         _check_loader_fields(self)
 
-    def files(self) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
-        """(train files, val, test, image root), the synthetic set's when `synth_dir` is set."""
+    def files(
+        self, vqa: bool = False
+    ) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
+        """(train files, val, test, image root), the synthetic set's when `synth_dir` is set
+        (its VQA files with `vqa`)."""
         if self.synth_dir is None:
             return self.train, self.val, self.test, self.image_root
         root = Path(self.synth_dir)
-        files = (str(root / "train.json"),)
-        return files, str(root / "val.json"), str(root / "test.json"), str(root)
+        pre = "vqa_" if vqa else ""
+        files = (str(root / f"{pre}train.json"),)
+        return files, str(root / f"{pre}val.json"), str(root / f"{pre}test.json"), str(root)
+
+    def answers_file(self) -> str | None:
+        """The VQA answer list: data.answer_list, or the synthetic set's."""
+        if self.synth_dir is not None:
+            return str(Path(self.synth_dir) / "answer_list.json")
+        return self.answer_list
 
 
 @dataclass(frozen=True)
@@ -294,6 +308,11 @@ class EvalSection:
     min_length: int = 5
     # "blip": transformers 4.15's beam scoring, which BLIP's numbers came from; "hf": 5.x's
     beam_scoring: str = "blip"
+    # VQA: "rank" the answer list (BLIP's default for VQAv2) or "generate" (beam search)
+    vqa_mode: Literal["rank", "generate"] = "rank"
+    vqa_k_test: int = 128  # rank: candidates re-scored whole (BLIP's k_test)
+    answer_max_length: int = 10  # generate: tokens, [DEC] included (BLIP)
+    answer_min_length: int = 1
 
     def __post_init__(self) -> None:
         from dlip.models.generation import BEAM_SCORINGS
@@ -301,6 +320,11 @@ class EvalSection:
         check_types(self, "eval")
         if self.beam_scoring not in BEAM_SCORINGS:
             raise ConfigError(f"eval.beam_scoring={self.beam_scoring!r}: one of {BEAM_SCORINGS}")
-        for name in ("every_epochs", "batch_size", "k_test", "itm_batch", "num_beams"):
+        for name in ("every_epochs", "batch_size", "k_test", "itm_batch", "num_beams",
+                     "vqa_k_test", "answer_min_length"):  # fmt: skip
             require(getattr(self, name) >= 1, f"eval.{name}", getattr(self, name), ">= 1")
         require(self.min_length <= self.max_length, "eval.min_length", self.min_length, "<= max")
+        require(self.answer_max_length >= 2, "eval.answer_max_length", self.answer_max_length,
+                ">= 2 ([DEC] and one token)")  # fmt: skip
+        require(self.answer_min_length <= self.answer_max_length, "eval.answer_min_length",
+                self.answer_min_length, "<= eval.answer_max_length")  # fmt: skip

@@ -48,7 +48,7 @@ from dlip.losses.lm import lm_loss
 from dlip.models.blip import BLIP
 from dlip.models.config import ModelConfig
 from dlip.tokenizer import Tokenizer
-from dlip.train.config import PretrainConfig
+from dlip.train.config import FinetuneConfig, PretrainConfig
 
 # KD terms -> the teacher passes they read (the image pass always runs).
 _TEXT_TERMS = terms_of("text")
@@ -145,7 +145,7 @@ class PretrainTask(nn.Module):
             kd, kd_masks = self._distill(pixels, ids, mask, itm, student, seen)
             terms.update(kd)
             token_masks.update(kd_masks)
-        return _weighted_by_tokens(terms, token_masks)
+        return weighted_by_tokens(terms, token_masks)
 
     def _distill(
         self,
@@ -241,7 +241,7 @@ class PretrainTask(nn.Module):
         return out
 
 
-def _weighted_by_tokens(
+def weighted_by_tokens(
     terms: dict[str, Tensor], token_masks: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
     """Each token-mean term times world * (this rank's counted tokens) / (all ranks' counted
@@ -318,3 +318,18 @@ def build_adapters(cfg: Any, student_config: ModelConfig, teacher: BLIP | None) 
             f"{t_vocab} ({cfg.teacher.checkpoint}); both must use the same tokenizer"
         )
     return KDAdapters.build(cfg.kd_config(), student_config, teacher.config)
+
+
+def load_student(cfg: FinetuneConfig) -> BLIP:
+    """The model to finetune, in the task's form (a pretraining checkpoint holds both towers;
+    each task trains one, as BLIP's finetuning classes do), at the run's image size (pos_embed
+    resized when it changes)."""
+    from dlip.models.io import resolve, task_form
+
+    m = cfg.model
+    form = {"retrieval": "retrieval", "caption": "captioning", "vqa": "vqa"}[cfg.task]
+    model = task_form(resolve(str(m.checkpoint or m.preset)), form)
+    if m.image_size is not None and m.image_size != model.config.vision.image_size:
+        model.set_image_size(m.image_size)
+    model.set_grad_checkpointing(m.grad_checkpointing)
+    return model
