@@ -1,6 +1,7 @@
 """The `dlip serve` page in a real browser (Playwright driving the system chromium, headless):
 upload a photo -> the caption the API gives for that file; a text -> its ITM score; a query ->
-ranked thumbnails that load, scores descending. Skipped only when /usr/bin/chromium is absent
+ranked thumbnails that load, scores descending; with a VQA model, only the question box, whose
+answer is the API's. Skipped only when /usr/bin/chromium is absent
 (.ci/run installs it); Playwright's own browser downloads are never used."""
 
 from __future__ import annotations
@@ -76,18 +77,26 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 12
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
+    """One headless chromium for the module (Playwright's sync API allows one at a time)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
         try:
-            tab = browser.new_page()
-            tab.set_default_timeout(WAIT_MS)
-            tab.goto(server + "/")
-            yield tab
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    tab = browser.new_page()
+    tab.set_default_timeout(WAIT_MS)
+    tab.goto(server + "/")
+    return tab
 
 
 def _wait_settled(page, selector: str, status_selector: str) -> None:
@@ -134,3 +143,58 @@ def test_search_shows_ranked_thumbnails(server, page):
     page.click("#search-button")
     page.wait_for_selector("#results[data-state=error]", state="attached")
     assert "empty" in page.text_content("#search-status")
+
+
+# ------------------------------------------------------------------------------ a VQA model
+@pytest.fixture(scope="module")
+def vqa_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser_vqa")
+    model_dir = dlip.save(dlip.create_model(dlip.get_config("test_tiny").vqa_form()), root / "m")
+    (root / "answers.json").write_text('["yes", "no", "cat", "two", "red"]')
+    url = f"http://127.0.0.1:{(port := free_port())}"
+    cmd = [sys.executable, "-m", "dlip", "serve", "--model", str(model_dir), "--port", str(port)]
+    cmd += ["--answers", str(root / "answers.json"), "--log-level", "warning"]
+    log = root / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(proc, url, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_a_vqa_model_gets_a_question_box(vqa_server, browser):
+    page = browser.new_page()
+    try:
+        page.set_default_timeout(WAIT_MS)
+        page.goto(vqa_server + "/")
+        page.wait_for_selector("body[data-ready=true]", state="attached")
+        # only what the model does is shown: the question box, not caption / ITM / search
+        assert page.is_visible("#vqa-section")
+        assert not page.is_visible("#caption-section")
+        assert not page.is_visible("#itm-section") and not page.is_visible("#search-section")
+        page.fill("#vqa-question", "is there a cat?")
+        page.click("#vqa-button")  # before an upload: the page says what is missing
+        page.wait_for_selector("#vqa-answer[data-state=error]", state="attached")
+        assert "upload an image first" in page.text_content("#vqa-status")
+        page.set_input_files("#image-input", str(PHOTO))
+        page.click("#vqa-button")
+        _wait_settled(page, "#vqa-answer", "#vqa-status")
+        shown = page.text_content("#vqa-answer").strip()
+        files = {"image": (PHOTO.name, PHOTO.read_bytes(), "image/jpeg")}
+        data = {"question": "is there a cat?"}
+        want = httpx.post(vqa_server + "/api/vqa", files=files, data=data, timeout=120)
+        assert shown and shown == want.json()["answer"]
+        assert page.get_attribute("#caption", "data-state") == "idle"  # never asked
+        page.fill("#vqa-question", "   ")  # the server's 400 reaches the page
+        page.click("#vqa-button")
+        page.wait_for_selector("#vqa-answer[data-state=error]", state="attached")
+        assert "empty" in page.text_content("#vqa-status")
+    finally:
+        page.close()

@@ -6,9 +6,9 @@
     dlip convert MODEL_DIR --to hf --out DIR
     dlip data {build,merge,export-json,shard,synth} ...
     dlip pretrain --config YAML [key=value ...] [--resume latest]
-    dlip finetune retrieval|caption --config YAML [key=value ...] [--resume latest]
-    dlip eval retrieval|caption --model DIR --data JSON --images ROOT --out DIR
-    dlip caption|embed|itm|index build|search ...  (inference: dlip.inference.Predictor)
+    dlip finetune retrieval|caption|vqa --config YAML [key=value ...] [--resume latest]
+    dlip eval retrieval|caption|vqa --model DIR --data JSON --images ROOT --out DIR
+    dlip caption|embed|itm|vqa|index build|search ...  (inference: dlip.inference.Predictor)
     dlip serve --model M [--index DIR] --port P [--host 127.0.0.1]
     dlip export onnx MODEL --out DIR [--opset N] [--image-size N] [--atol 1e-4]
     dlip demo [--quick] [--out runs/demo]

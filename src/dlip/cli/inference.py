@@ -4,6 +4,7 @@
     dlip caption IMG... --model M [--beams N] [--sample --seed S] [--json]
     dlip embed IMG... | --text T... --model M [--out FILE.npy|FILE.safetensors] [--json]
     dlip itm IMG TEXT --model M [--json]
+    dlip vqa IMG "QUESTION"... --model VQA_MODEL [--answers answer_list.json] [--json]
     dlip index build IMAGE_DIR --model M --out INDEX [--batch-size B] [--no-resume]
     dlip search INDEX "a dog on a beach" [-k 10] [--rerank 50] [--model M] [--json]
     dlip serve --model M [--index DIR] --port P [--host 127.0.0.1]
@@ -64,6 +65,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_itm)
 
+    p = sub.add_parser("vqa", help="answer questions about an image (a VQA model)")
+    p.add_argument("image")
+    p.add_argument("questions", nargs="+", help="one or more questions about the image")
+    _model_args(p)
+    p.add_argument("--answers", default=None, help="rank these (BLIP's answer_list.json)")
+    p.add_argument("--k-test", type=int, default=128, help="with --answers: re-scored whole")
+    p.add_argument("--beams", type=int, default=3, help="generation: beam width")
+    add_beam_scoring(p)
+    p.add_argument("--json", action="store_true", help="print [{question, answer}] as JSON")
+    p.set_defaults(func=cmd_vqa)
+
     p = sub.add_parser("index", help="build a searchable image index")
     actions = p.add_subparsers(dest="action", required=True)
     b = actions.add_parser("build", help="embed every image under a directory (resumable)")
@@ -99,6 +111,7 @@ def _register_deploy(sub: argparse._SubParsersAction) -> None:
         "--max-upload-mb", type=positive_number, default=20.0, help="larger uploads get 413"
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
+    p.add_argument("--answers", default=None, help="VQA model: rank this answer_list.json")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a model to ONNX, checked against PyTorch")
@@ -192,6 +205,25 @@ def cmd_itm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vqa(args: argparse.Namespace) -> int:
+    answers = None
+    if args.answers:
+        from dlip.eval.vqa_eval import read_answer_list
+
+        answers = read_answer_list(args.answers)  # before the model loads
+    got = _predictor(args).vqa(
+        args.image, args.questions, answers, k_test=args.k_test, num_beams=args.beams,
+        beam_scoring=args.beam_scoring,
+    )  # fmt: skip
+    if args.json:
+        rows = [{"question": q, "answer": a} for q, a in zip(args.questions, got, strict=True)]
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+    else:
+        for question, answer in zip(args.questions, got, strict=True):
+            print(f"{question}\t{answer}")
+    return 0
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     from dlip.inference.index import build_index, check_out_dir, list_images
 
@@ -242,6 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(
         args.model, index=args.index, host=args.host, port=args.port, device=args.device,
         dtype=args.dtype, max_upload_mb=args.max_upload_mb, log_level=args.log_level,
+        answers=args.answers,
     )  # fmt: skip
     return 0
 

@@ -1,4 +1,4 @@
-"""Inference API: `Predictor` (caption, embed, ITM, search; the on-disk index is
+"""Inference API: `Predictor` (caption, embed, ITM, search, VQA; the on-disk index is
 dlip.inference.index).
 
 Inputs are paths, PIL images, HxWx3 / HxW uint8 numpy arrays or encoded bytes; a bad one raises
@@ -265,6 +265,48 @@ class Predictor:
                         self.model, pixels, prompt, num_beams, max_length, min_length,
                         repetition_penalty, self.tokenizer, beam_scoring,
                     )  # fmt: skip
+        return out
+
+    def vqa(
+        self,
+        images: Any,
+        questions: str | Sequence[str],
+        answers: Sequence[str] | None = None,
+        k_test: int = 128,
+        num_beams: int = 3,
+        max_length: int = 10,
+        min_length: int = 1,
+        beam_scoring: str = "blip",
+        batch_size: int = 16,
+    ) -> list[str]:
+        """One answer per (image, question) pair, zipped; one image with many questions (or
+        many images with one question) broadcasts. With `answers` (e.g. BLIP's answer list)
+        the answer is ranked from them, else generated (`BLIP.answer`). VQA models only."""
+        if not self.model.config.vqa:
+            raise ValueError(f"model {self.spec!r} is not a VQA model (config vqa=false)")
+        imgs = _as_list(images, (str, os.PathLike, Image.Image, bytes))
+        qs = _as_list(questions, str)
+        n = max(len(imgs), len(qs))
+        if len(imgs) not in (1, n) or len(qs) not in (1, n) or n == 0:
+            raise ValueError(f"vqa: {len(imgs)} images vs {len(qs)} questions")
+        if any(not isinstance(q, str) or not q.strip() for q in qs):
+            raise ValueError("vqa: every question must be a non-empty string")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out: list[str] = []
+        with self._run():
+            one = self.pixels(imgs) if len(imgs) == 1 else None  # decoded once, shared
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                if one is None:
+                    pixels = self.pixels(imgs[start:stop], offset=start)
+                else:
+                    pixels = one.expand(stop - start, -1, -1, -1)
+                chunk = qs * (stop - start) if len(qs) == 1 else qs[start:stop]
+                out += self.model.answer(
+                    pixels, chunk, None if answers is None else list(answers), k_test,
+                    num_beams, max_length, min_length, beam_scoring, self.tokenizer,
+                )  # fmt: skip
         return out
 
     def embed_images(self, images: Any, batch_size: int = 32) -> Tensor:

@@ -1,11 +1,14 @@
 """`dlip serve`: the demo web app (FastAPI + uvicorn) over one `Predictor`.
 
 Routes: `GET /` (the page), `POST /api/caption` (multipart `image`) -> {"caption"},
-`POST /api/itm` (`image`, `text`) -> {"score"}, `GET /api/search?q=&k=&rerank=` -> {"results":
-[{path, score, itc, itm, thumb}], "skipped": n} (n: indexed files re-ranking could not read, left
-out), `GET /api/image/{i}` (a thumbnail of the index's i-th image; only index entries are ever
-served), `GET /api/info`. Every error is `{"error": str}` with a 4xx code, its absolute paths cut
-to file names.
+`POST /api/itm` (`image`, `text`) -> {"score"}, `POST /api/vqa` (`image`, `question`) ->
+{"answer"} (a VQA model; ranked from `--answers` when given, else generated),
+`GET /api/search?q=&k=&rerank=` -> {"results": [{path, score, itc, itm, thumb}], "skipped": n}
+(n: indexed files re-ranking could not read, left out), `GET /api/image/{i}` (a thumbnail of
+the index's i-th image; only index entries are ever served), `GET /api/info` (with `tasks`:
+what the loaded model can do). Every error is
+`{"error": str}` with a 4xx code, its absolute paths cut to file names; a route the loaded
+model cannot serve (captions from a VQA model, VQA from a captioner) is a 400 saying so.
 
 Model calls run one at a time under a lock, in a worker thread, so the event loop keeps accepting
 requests (and rejecting bad ones) while a caption is being generated. fastapi / uvicorn are
@@ -86,11 +89,15 @@ class UploadLimit:
 
 
 class Service:
-    """The app's state: one predictor (calls serialized by a lock), an optional image index."""
+    """The app's state: one predictor (calls serialized by a lock), an optional image index,
+    an optional VQA answer list (rank mode)."""
 
-    def __init__(self, predictor: Any, index: Any | None = None) -> None:
+    def __init__(
+        self, predictor: Any, index: Any | None = None, answers: list[str] | None = None
+    ) -> None:
         self.predictor = predictor
         self.index = index
+        self.answers = answers
         self.lock = threading.Lock()
         self.positions: dict[str, int] = {}
         if index is not None:
@@ -108,15 +115,36 @@ class Service:
         with self.lock:
             return fn()
 
+    def tasks(self) -> list[str]:
+        """What the loaded model serves: caption, itm and search, or vqa."""
+        config = getattr(self.predictor.model, "config", None)
+        if getattr(config, "vqa", False):
+            return ["vqa"]
+        out = ["caption"] if getattr(config, "has_decoder", True) else []
+        return out + (["itm", "search"] if getattr(config, "has_itc", True) else [])
+
+    def _require(self, task: str) -> None:
+        if task not in self.tasks():
+            name = getattr(getattr(self.predictor.model, "config", None), "name", "?")
+            raise ApiError(400, f"model {name!r} does not do {task} (it does: "
+                           f"{', '.join(self.tasks())})")  # fmt: skip
+
     def caption(self, image: bytes) -> str:
+        self._require("caption")
         return self.locked(lambda: self.predictor.caption(image)[0])
 
     def itm(self, image: bytes, text: str) -> float:
+        self._require("itm")
         scores = self.locked(lambda: self.predictor.itm_scores(image, [text]))  # (1,)
         return float(scores.reshape(-1)[0])
 
+    def vqa(self, image: bytes, question: str) -> str:
+        self._require("vqa")
+        return self.locked(lambda: self.predictor.vqa(image, [question], self.answers)[0])
+
     def search(self, query: str, k: int, rerank: int | None) -> dict:
         """{"results": hits, "skipped": index files re-ranking could not read (left out)}."""
+        self._require("search")
         if self.index is None:
             raise ApiError(404, "no image index loaded: start `dlip serve` with --index DIR")
         hits = self.locked(lambda: self.predictor.search(query, self.index, k=k, rerank=rerank))
@@ -302,13 +330,16 @@ def _install_error_handlers(app: Any) -> None:
 
 
 def create_app(
-    predictor: Any, index: Any | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    predictor: Any,
+    index: Any | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    answers: list[str] | None = None,
 ) -> Any:
-    """The FastAPI app serving `predictor` (and `index` for search)."""
+    """The FastAPI app serving `predictor` (and `index` for search, `answers` for VQA)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, Response
 
-    service = Service(predictor, index)
+    service = Service(predictor, index, answers)
     app = FastAPI(title="dlip", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.max_upload_bytes = max_upload_bytes
@@ -327,6 +358,8 @@ def create_app(
             "image_size": getattr(getattr(config, "vision", None), "image_size", None),
             "index_size": None if index is None else len(index.paths),
             "max_upload_bytes": max_upload_bytes,
+            "tasks": service.tasks(),
+            "vqa_answers": None if answers is None else len(answers),
         }
 
     @app.post("/api/caption")
@@ -340,6 +373,13 @@ def create_app(
         image = await _form_file(form, "image")
         text = _clean_text(form.get("text"), "text")
         return {"score": await _run_model(lambda: service.itm(image, text), "field 'image'")}
+
+    @app.post("/api/vqa")
+    async def vqa(request: Request) -> dict:
+        form = await request.form()
+        image = await _form_file(form, "image")
+        question = _clean_text(form.get("question"), "question")
+        return {"answer": await _run_model(lambda: service.vqa(image, question), "field 'image'")}
 
     @app.get("/api/search")
     async def search(request: Request) -> dict:
@@ -369,8 +409,10 @@ def serve(
     dtype: str = "float32",
     max_upload_mb: float = 20.0,
     log_level: str = "info",
+    answers: str | None = None,
 ) -> None:
-    """Load `model` (and `index`), then serve the app until interrupted (`dlip serve`)."""
+    """Load `model` (and `index`, and the VQA `answers` list), then serve the app until
+    interrupted (`dlip serve`)."""
     import uvicorn
 
     from dlip.inference.index import ImageIndex
@@ -378,10 +420,18 @@ def serve(
 
     if max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    answer_list = None
+    if answers:
+        from dlip.eval.vqa_eval import read_answer_list
+
+        answer_list = read_answer_list(answers)
     predictor = Predictor.load(model, device=device, dtype=dtype)
     image_index = ImageIndex.load(index) if index else None
     if image_index is not None:
         image_index.check_model(predictor)  # fail at startup, not on the first search
-    app = create_app(predictor, image_index, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    if answer_list is not None and not predictor.model.config.vqa:
+        raise ValueError(f"--answers is for a VQA model; {model} is not one")
+    limit = int(max_upload_mb * 1024 * 1024)
+    app = create_app(predictor, image_index, max_upload_bytes=limit, answers=answer_list)
     print(f"dlip serve: http://{host}:{port}/ (model {model})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
