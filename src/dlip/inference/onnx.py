@@ -10,6 +10,13 @@ Graphs (each present only when the model has the parts it needs):
 - `decoder_next`: new input_ids (B, T), attention_mask (B, P+T), past self K/V (P tokens) and
   the cross K/V from `decoder_first` -> logits (B, T, V) and present self K/V (P+T tokens)
 
+A VQA model (config vqa=true) gets `image_encoder` (image_embeds only), `question_encoder`
+(image_embeds, input_ids with [ENC] first, attention_mask -> question_states (B, T, D)) and
+`answer_decoder` (question_states, question_mask (B, Tq), input_ids with [DEC] first,
+attention_mask (B, T) -> logits (B, T, V); whole answers, no cache), which serve both rank
+mode (score the candidates) and generation (one call per step). The wrappers and shapes are in
+dlip.inference.onnx_graphs.
+
 We use the dynamo exporter (`torch.onnx.export(dynamo=True)`, via torch.export): the legacy
 TorchScript tracer bakes the KV-cache length and the causal-mask size into constants (tested:
 wrong logits at another batch/length). Every graph is run in onnxruntime on random inputs at
@@ -20,22 +27,21 @@ fails the export with an `ExportParityError` naming the graph, output and differ
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
 from dlip.fileio import write_json
+from dlip.inference.onnx_graphs import DecoderNext, GraphSpec, Shape, cross_layers, graph_specs
 from dlip.models.blip import BLIP
-from dlip.models.text import KVCache
 from dlip.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 GRAPHS = ("image_encoder", "text_encoder", "itm", "decoder_first", "decoder_next")
+VQA_GRAPHS = ("image_encoder", "question_encoder", "answer_decoder")
 # Export example sizes: >= 2 and pairwise distinct so torch.export neither specialises a dim
 # to 0/1 nor assumes two dims equal; parity then runs at other sizes (batch 1 included).
 EXAMPLE = {"batch": 2, "seq": 7, "past": 6, "new": 3}
@@ -43,210 +49,11 @@ PARITY_RUNS = (
     {"batch": 1, "seq": 5, "past": 5, "new": 1},
     {"batch": 3, "seq": 9, "past": 8, "new": 2},
 )
-INT_INPUTS = ("input_ids", "attention_mask")
-Shape = list[int | str]
+INT_INPUTS = ("input_ids", "attention_mask", "question_mask")
 
 
 class ExportParityError(ValueError):
     """onnxruntime disagrees with PyTorch beyond atol on one output of one graph."""
-
-
-# ----------------------------------------------------------------------------- wrappers
-class ImageEncoder(nn.Module):
-    def __init__(self, model: BLIP) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: Tensor) -> tuple[Tensor, ...]:
-        out = self.model.encode_image(pixels)
-        return (out.tokens,) if out.feat is None else (out.tokens, out.feat)
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, model: BLIP) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.model.encode_text(input_ids, attention_mask)
-        return out.feat, out.tokens[:, 0]  # (B, E), (B, Dt)
-
-
-class ITMScorer(nn.Module):
-    def __init__(self, model: BLIP) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model.itm_logits(image_embeds, input_ids, attention_mask)  # (B, 2)
-
-
-class DecoderFirst(nn.Module):
-    """Prompt step: logits, then self K/V per layer, then cross K/V per cross layer."""
-
-    def __init__(self, model: BLIP) -> None:
-        super().__init__()
-        self.model = model
-        self.num_layers = model.config.text.num_layers
-
-    def forward(
-        self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor
-    ) -> tuple[Tensor, ...]:
-        cache = KVCache.empty(self.num_layers)
-        states = self.model.decode(image_embeds, input_ids, attention_mask, cache=cache).tokens
-        out = [self.model.text_decoder.cls(states)]  # (B, T, V)
-        for kv in cache.self_kv + [kv for kv in cache.cross_kv if kv is not None]:
-            out += [kv[0], kv[1]]  # (B, H, T or N, d)
-        return tuple(out)
-
-
-class DecoderNext(nn.Module):
-    """Later steps: past self K/V (P tokens) + cross K/V in, logits + self K/V (P+T) out."""
-
-    def __init__(self, model: BLIP) -> None:
-        super().__init__()
-        self.model = model
-        self.num_layers = model.config.text.num_layers
-        self.cross_layers = cross_layers(model)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, *past: Tensor) -> tuple:
-        n = self.num_layers
-        cache = KVCache.empty(n)
-        cache.self_kv = [(past[2 * i], past[2 * i + 1]) for i in range(n)]
-        for j, layer in enumerate(self.cross_layers):
-            cache.cross_kv[layer] = (past[2 * n + 2 * j], past[2 * n + 2 * j + 1])
-        states = self.model.decode(None, input_ids, attention_mask, cache=cache).tokens
-        out = [self.model.text_decoder.cls(states)]
-        for k, v in cache.self_kv:
-            out += [k, v]
-        return tuple(out)
-
-
-def cross_layers(model: BLIP) -> list[int]:
-    t = model.config.text
-    return [i for i in range(t.num_layers) if t.has_cross_attention(i)]
-
-
-# ----------------------------------------------------------------------------- graph specs
-@dataclass
-class GraphSpec:
-    name: str
-    module: nn.Module
-    inputs: dict[str, Shape]  # name -> symbolic shape (str = dynamic axis)
-    outputs: dict[str, Shape]
-    make_inputs: Callable[[dict[str, int], torch.Generator], tuple[Tensor, ...]]
-
-
-def _kv_shapes(
-    prefix: str, layers: Sequence[int], kind: str, length: int | str, heads: int, head_dim: int
-) -> dict[str, Shape]:
-    """e.g. past_self_0_key: (batch, H, past_seq, d), in layer order, key before value."""
-    return {
-        f"{prefix}_{kind}_{i}_{kv}": ["batch", heads, length, head_dim]
-        for i in layers
-        for kv in ("key", "value")
-    }
-
-
-def _text_inputs(
-    model: BLIP, b: int, t: int, first_id: int, gen: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Random ids (B, T) starting with `first_id`; row 0 full, other rows padded at the end."""
-    vocab = model.config.text.vocab_size
-    ids = torch.randint(1, vocab, (b, t), generator=gen)
-    ids[:, 0] = first_id
-    lengths = torch.randint(1, t + 1, (b,), generator=gen)
-    lengths[0] = t
-    mask = (torch.arange(t)[None] < lengths[:, None]).long()  # (B, T)
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def _image_embeds(model: BLIP, b: int, gen: torch.Generator) -> Tensor:
-    v = model.config.vision
-    return torch.randn(b, v.num_tokens, v.width, generator=gen)  # (B, N, Dv)
-
-
-def graph_specs(model: BLIP) -> list[GraphSpec]:
-    """Every graph this model supports, with names, symbolic shapes and input makers."""
-    cfg = model.config
-    v, t = cfg.vision, cfg.text
-    s, n, dv, dt, e = v.image_size, v.num_tokens, v.width, t.hidden_size, cfg.embed_dim
-    ids: Shape = ["batch", "seq"]
-    specs = []
-    image_out: dict[str, Shape] = {"image_embeds": ["batch", n, dv]}
-    if cfg.has_itc:
-        image_out["image_feat"] = ["batch", e]
-    specs.append(
-        GraphSpec(
-            "image_encoder",
-            ImageEncoder(model),
-            {"pixels": ["batch", 3, s, s]},
-            image_out,
-            lambda d, g: (torch.randn(d["batch"], 3, s, s, generator=g),),
-        )
-    )
-    if cfg.has_itc:
-        specs.append(
-            GraphSpec(
-                "text_encoder",
-                TextEncoder(model),
-                {"input_ids": ids, "attention_mask": ids},
-                {"text_feat": ["batch", e], "text_cls": ["batch", dt]},
-                lambda d, g: _text_inputs(model, d["batch"], d["seq"], Tokenizer.cls_token_id, g),
-            )
-        )
-        specs.append(
-            GraphSpec(
-                "itm",
-                ITMScorer(model),
-                {"image_embeds": ["batch", n, dv], "input_ids": ids, "attention_mask": ids},
-                {"itm_logits": ["batch", 2]},
-                lambda d, g: (
-                    _image_embeds(model, d["batch"], g),
-                    *_text_inputs(model, d["batch"], d["seq"], Tokenizer.enc_token_id, g),
-                ),
-            )
-        )
-    if cfg.has_decoder:
-        specs += _decoder_specs(model)
-    return specs
-
-
-def _decoder_specs(model: BLIP) -> list[GraphSpec]:
-    cfg = model.config
-    t = cfg.text
-    n, dv, h, d = cfg.vision.num_tokens, cfg.vision.width, t.num_heads, t.hidden_size // t.num_heads
-    layers, cross = range(t.num_layers), cross_layers(model)
-    logits: Shape = ["batch", "seq", t.vocab_size]
-    ids: dict[str, Shape] = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]}
-    first_in = {"image_embeds": ["batch", n, dv], **ids}
-    first_out = {"logits": logits, **_kv_shapes("present", layers, "self", "seq", h, d)}
-    first_out |= _kv_shapes("present", cross, "cross", n, h, d)
-    next_in = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "past_seq+seq"]}
-    next_in |= _kv_shapes("past", layers, "self", "past_seq", h, d)
-    next_in |= _kv_shapes("past", cross, "cross", n, h, d)
-    next_out = {"logits": logits, **_kv_shapes("present", layers, "self", "past_seq+seq", h, d)}
-    first = DecoderFirst(model)
-
-    def first_inputs(sizes: dict[str, int], gen: torch.Generator) -> tuple[Tensor, ...]:
-        image = _image_embeds(model, sizes["batch"], gen)
-        text = _text_inputs(model, sizes["batch"], sizes["seq"], Tokenizer.dec_token_id, gen)
-        return (image, *text)
-
-    def next_inputs(sizes: dict[str, int], gen: torch.Generator) -> tuple[Tensor, ...]:
-        b = sizes["batch"]
-        image = _image_embeds(model, b, gen)
-        prompt = _text_inputs(model, b, sizes["past"], Tokenizer.dec_token_id, gen)[0]
-        with torch.no_grad():
-            outs = first(image, prompt, torch.ones_like(prompt))
-        new_ids = torch.randint(1, t.vocab_size, (b, sizes["new"]), generator=gen)
-        mask = torch.ones(b, sizes["past"] + sizes["new"], dtype=torch.long)
-        return (new_ids, mask, *outs[1:])
-
-    return [
-        GraphSpec("decoder_first", first, first_in, first_out, first_inputs),
-        GraphSpec("decoder_next", DecoderNext(model), next_in, next_out, next_inputs),
-    ]
 
 
 # ----------------------------------------------------------------------------- export + parity
@@ -397,6 +204,19 @@ def _graph_entry(spec: GraphSpec, path: Path, diffs: dict[str, float]) -> dict[s
     }
 
 
+def _vqa_usage() -> dict[str, Any]:
+    from dlip.models.vqa import QUESTION_LENGTH
+
+    return {
+        "question_max_length": QUESTION_LENGTH,
+        "usage": "question_encoder on pre_question'd questions ([ENC] first) with image_embeds; "
+        "answer_decoder on [DEC] + answer tokens with those states and the question mask. "
+        "rank: softmax of logits[:, 0] scores each candidate's first token, the top k_test are "
+        "scored by the label-smoothed (0.1) token cross-entropy summed over the answer "
+        "([SEP] included), lowest wins; generate: beam search from [DEC] (dlip.models.vqa)",
+    }
+
+
 def _manifest(
     model: BLIP, graphs: dict[str, Any], opset: int, atol: float, source: str | None
 ) -> dict[str, Any]:
@@ -412,8 +232,9 @@ def _manifest(
         "opset": opset,
         "atol": atol,
         "graphs": graphs,
+        "vqa": None if not cfg.vqa else _vqa_usage(),
         "decoder": None
-        if not cfg.has_decoder
+        if not cfg.has_decoder or cfg.vqa
         else {
             "kv_cache": True,
             "num_layers": t.num_layers,
