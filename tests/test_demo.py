@@ -42,6 +42,9 @@ def test_results_json_holds_the_three_models(demo_run):
         assert {k: entry[k] for k in RETRIEVAL_METRICS} == ret["metrics"]
         assert {k: entry[k] for k in cap["metrics"]} == cap["metrics"]  # + SPICE: None
         assert entry["itc_only"] == ret["metrics_itc"]
+        vqa = json.loads((demo_run / model / "vqa" / "test" / "results.json").read_text())
+        assert entry["vqa_overall"] == vqa["overall"] and 0 <= vqa["overall"] <= 100
+        assert entry["vqa_per_answer_type"] == vqa["per_answer_type"]
         assert ret["settings"]["k"] == DemoPlan.quick().k_test
         assert set(entry["latency_ms"]) == {"image_embed", "itm_rerank_k4", "caption_3beam"}
         assert all(v > 0 for v in entry["latency_ms"].values())
@@ -56,7 +59,7 @@ def test_results_json_holds_the_three_models(demo_run):
 def test_every_stage_left_its_run(demo_run):
     for model in MODELS:
         assert (demo_run / model / "pretrain" / "final" / "model.safetensors").is_file()
-        for task in ("retrieval", "caption"):
+        for task in ("retrieval", "caption", "vqa"):
             assert (demo_run / model / task / "best" / "model.safetensors").is_file()
     kd = (demo_run / "configs" / "pretrain_student_kd.yaml").read_text()
     nokd = (demo_run / "configs" / "pretrain_student_nokd.yaml").read_text()
@@ -72,6 +75,7 @@ def test_report_and_plots(demo_run):
     for label in ("| teacher |", "| student + KD |", "| student, no KD |"):
         assert label in report
     assert f"**{results['teacher']['r_mean']:.2f}**" in report
+    assert "VQA %" in report and f"| {results['teacher']['vqa_overall']:.2f} |" in report
     assert "-" not in [c.strip() for c in report.split("| teacher |")[1].split("\n")[0].split("|")]
     for png in ("loss_curves.png", "accuracy_vs_latency.png"):
         with Image.open(demo_run / png) as im:
@@ -88,7 +92,7 @@ def test_rerun_resumes_and_redoes_only_what_is_missing(demo_run, capsys):
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(demo_run)]) == 0
     out = capsys.readouterr().out
-    assert out.count("done earlier") == 9  # every stage but the one whose output was removed
+    assert out.count("done earlier") == 12  # every stage but the one whose output was removed
     assert "resuming from" in out  # its training is not redone: the last checkpoint is loaded
     after = json.loads((demo_run / "results.json").read_text())
     for model in MODELS:

@@ -5,7 +5,8 @@
 
 A BLIP-shaped teacher is pretrained from scratch; a ~4x smaller student is distilled from it
 (KD) and, for comparison, trained without KD for the same steps; all three are finetuned for
-retrieval and captioning and evaluated with `dlip eval`'s protocol on the held-out test split.
+retrieval, captioning and VQA (the synthetic questions) and evaluated with `dlip eval`'s
+protocols on the held-out test split.
 RUN/results.json, RUN/report.md and RUN/*.png hold the outcome (see dlip.demo.report). Stages
 live in dlip.demo.pipeline, sizes in dlip.demo.plan.
 """
@@ -77,17 +78,21 @@ def _entry(
     """One model's row of results.json: size, latency, test metrics, sample captions.
     `pair`: its best finetuned (retrieval, caption) models."""
     from dlip.demo.measure import sample_captions, size_and_flops
+    from dlip.demo.plan import VQA
 
     ret = json.loads(lay.test_results(model, "retrieval").read_text())
     cap = json.loads(lay.test_results(model, "caption").read_text())
+    vqa = json.loads(lay.test_results(model, VQA).read_text())
     return {
         **size_and_flops(pair[0]),
         "latency_ms": latency,
         **ret["metrics"],
         **cap["metrics"],
         "itc_only": ret["metrics_itc"],
+        "vqa_overall": vqa["overall"],
+        "vqa_per_answer_type": vqa["per_answer_type"],
         "samples": sample_captions(pair[1], images),
-        "models": {task: str(lay.finetune_dir(model, task) / "best") for task in TASKS},
+        "models": {task: str(lay.finetune_dir(model, task) / "best") for task in (*TASKS, VQA)},
     }
 
 
@@ -130,25 +135,25 @@ def collect(plan: DemoPlan, lay, seconds: dict[str, float], wall: float) -> dict
 
 def shares(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, float]:
     """Student / teacher ratios: size and compute (lower is cheaper), latency speed-up, and the
-    share of the teacher's test score kept (r_mean, CIDEr, BLEU-4)."""
+    share of the teacher's test score kept (r_mean, CIDEr, BLEU-4, VQA accuracy)."""
     out = {
         "params": student["params"] / teacher["params"],
         "flops_image_embed": student["flops"]["image_embed"] / teacher["flops"]["image_embed"],
     }
     for task, ms in teacher["latency_ms"].items():
         out[f"speedup_{task}"] = ms / student["latency_ms"][task]
-    for metric in ("r_mean", "CIDEr", "Bleu_4"):
+    for metric in ("r_mean", "CIDEr", "Bleu_4", "vqa_overall"):
         out[metric] = student[metric] / teacher[metric] if teacher[metric] > 0 else float("nan")
     return {k: round(v, 4) for k, v in out.items()}
 
 
 def summary(results: dict[str, Any]) -> str:
-    lines = [f"{'model':<14}{'params':>10}{'r_mean':>9}{'CIDEr':>8}{'BLEU-4':>8}"]
+    lines = [f"{'model':<14}{'params':>10}{'r_mean':>9}{'CIDEr':>8}{'BLEU-4':>8}{'VQA %':>8}"]
     for m in MODELS:
         r = results[m]
         lines.append(
             f"{m:<14}{r['params'] / 1e6:>9.2f}M{r['r_mean']:>9.2f}{r['CIDEr']:>8.3f}"
-            f"{r['Bleu_4']:>8.3f}"
+            f"{r['Bleu_4']:>8.3f}{r['vqa_overall']:>8.2f}"
         )
     kd, nokd = results["student_kd"]["r_mean"], results["student_nokd"]["r_mean"]
     verdict = "above" if kd > nokd else "NOT above"

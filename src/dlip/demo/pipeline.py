@@ -25,6 +25,7 @@ from dlip.demo.plan import (
     TASKS,
     TEACHER_ARCH,
     TEMP_INIT,
+    VQA,
     DemoPlan,
 )
 from dlip.fileio import atomic_write_text, write_json
@@ -106,16 +107,19 @@ def pretrain_config(plan: DemoPlan, lay: Layout, model: str) -> dict[str, Any]:
 def finetune_config(plan: DemoPlan, lay: Layout, model: str, task: str) -> dict[str, Any]:
     """The `dlip finetune` yaml: the same short recipe for every model, no KD."""
     d = lay.data
+    pre = "vqa_" if task == VQA else ""
+    files = {
+        "train": [str(d / f"{pre}train.json")],
+        "val": str(d / f"{pre}val.json"),
+        "test": str(d / f"{pre}test.json"),
+        "image_root": str(d),
+    }
+    if task == VQA:
+        files["answer_list"] = str(d / "answer_list.json")
     return {
         "task": task,
         "model": {"checkpoint": str(lay.pretrained(model)), "image_size": IMAGE_SIZE},
-        "data": {
-            "train": [str(d / "train.json")],
-            "val": str(d / "val.json"),
-            "test": str(d / "test.json"),
-            "image_root": str(d),
-            **_data_section(plan),
-        },
+        "data": {**files, **_data_section(plan)},
         "loss": {"momentum_distill": False, "itm_all_ranks": False},
         "optim": {"lr": FINETUNE_LR[task]},
         "eval": {"k_test": plan.k_test, "batch_size": 64},
@@ -153,6 +157,10 @@ def make_data(plan: DemoPlan, lay: Layout) -> None:
         overwrite=True,
     )
     print(f"images {report.images}, captions {report.captions} -> {lay.data}")
+    from dlip.data.synth_vqa import synthesize_vqa
+
+    questions = synthesize_vqa(lay.data, seed=plan.seed)
+    print("VQA questions: " + ", ".join(f"{s} {n}" for s, n in questions.items()))
 
 
 def _resume(run_dir: Path) -> str:
@@ -185,7 +193,7 @@ def finetune(path: Path, task: str, run_dir: Path) -> None:
 def stages(plan: DemoPlan, lay: Layout) -> list[Stage]:
     """Every stage in order; configs are written now, so the commands can be shown."""
     synth = f"dlip data synth (seed {plan.seed}, contrast 0, 2 objects) -> {lay.data}"
-    data = lay.data / "manifest.jsonl"
+    data = lay.data / "answer_list.json"  # written last (after the images and captions)
     out = [Stage("synthetic data", data, lambda: make_data(plan, lay), synth)]
     titles = {
         "teacher": "pretrain the teacher from scratch (ITC + ITM + LM)",
@@ -203,7 +211,7 @@ def stages(plan: DemoPlan, lay: Layout) -> list[Stage]:
             )
         )
     for model in MODELS:
-        for task in TASKS:
+        for task in (*TASKS, VQA):
             path = write_config(lay, f"{task}_{model}", finetune_config(plan, lay, model, task))
             out.append(
                 Stage(

@@ -37,10 +37,13 @@ KD_WEIGHTS = {
 }  # fmt: skip
 MODELS = ("teacher", "student_kd", "student_nokd")
 TASKS = ("retrieval", "caption")
+# VQA (BLIP_VQA's form of each pretrained model) on the synthetic questions (`dlip data synth`):
+# the same short recipe for the three, answers ranked from the set's answer list.
+VQA = "vqa"
 # Finetuning lr per task, the same for the three models. Retrieval: 1e-4 (1e-3 measured worse
 # for all three). Captioning: 1e-3, which the students' short LM pretraining needs to learn to
 # caption after the prompt (with 1e-4 they stop after "a big": CIDEr 0.04 vs 0.29).
-FINETUNE_LR = {"retrieval": 1.0e-4, "caption": 1.0e-3}
+FINETUNE_LR = {"retrieval": 1.0e-4, "caption": 1.0e-3, "vqa": 1.0e-3}
 
 
 @dataclass(frozen=True)

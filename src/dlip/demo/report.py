@@ -107,9 +107,9 @@ def results_table(results: dict[str, Any]) -> list[str]:
     head = (
         "| model | params | FLOPs image / ITM pair / caption | latency ms image / "
         f"re-rank {rerank[11:]} / caption | TR@1 | TR@5 | TR@10 | IR@1 | IR@5 | IR@10 | r_mean "
-        "| r_mean ITC only | BLEU-4 | CIDEr |"
+        "| r_mean ITC only | BLEU-4 | CIDEr | VQA % |"
     )
-    rows = [head, "|" + "---|" * 15]
+    rows = [head, "|" + "---|" * 16]
     for model in MODELS:
         r = results[model]
         f, ms = r["flops"], r["latency_ms"]
@@ -120,7 +120,7 @@ def results_table(results: dict[str, Any]) -> list[str]:
         rows.append(
             f"| {LABELS[model]} | {r['params'] / 1e6:.2f}M | {flops} | {times} | {recalls} "
             f"| **{r['r_mean']:.2f}** | {r['itc_only']['r_mean']:.2f} | {r['Bleu_4']:.3f} "
-            f"| {r['CIDEr']:.3f} |"
+            f"| {r['CIDEr']:.3f} | {r['vqa_overall']:.2f} |"
         )
     return rows
 
@@ -128,15 +128,15 @@ def results_table(results: dict[str, Any]) -> list[str]:
 def share_table(results: dict[str, Any]) -> list[str]:
     rows = [
         "| student | params | image FLOPs | speed-up image / re-rank / caption | r_mean kept "
-        "| CIDEr kept | BLEU-4 kept |",
-        "|---|---|---|---|---|---|---|",
+        "| CIDEr kept | BLEU-4 kept | VQA kept |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model in MODELS[1:]:
         s = results["share_of_teacher"][model]
         speed = " / ".join(f"{v:.2f}x" for k, v in s.items() if k.startswith("speedup_"))
         rows.append(
             f"| {LABELS[model]} | {s['params']:.1%} | {s['flops_image_embed']:.1%} | {speed} "
-            f"| {s['r_mean']:.1%} | {s['CIDEr']:.1%} | {s['Bleu_4']:.1%} |"
+            f"| {s['r_mean']:.1%} | {s['CIDEr']:.1%} | {s['Bleu_4']:.1%} | {s['vqa_overall']:.1%} |"
         )
     return rows
 
@@ -176,7 +176,8 @@ def write_report(results: dict[str, Any], root: Path) -> Path:
         f"Synthetic data: {plan['train_images']} training images (5 captions each), "
         f"{plan['test_images']} test images; teacher {plan['teacher_steps']} pretraining steps, "
         f"each student {plan['student_steps']}; every model then finetuned "
-        f"{plan['finetune_steps']} steps per task. Training stages took {total:.0f}s.",
+        f"{plan['finetune_steps']} steps per task (retrieval, captioning, VQA). Training stages "
+        f"took {total:.0f}s.",
         "",
         verdict(results),
         "",
@@ -189,7 +190,10 @@ def write_report(results: dict[str, Any], root: Path) -> Path:
         "FLOPs are forward FLOPs at batch 1; latency is the batch-1 median on this machine, one "
         "thread, the three models' calls interleaved (the caption: 3 beams, a fixed 20 tokens, "
         "as `dlip bench latency`). The two students have the same shapes: the gap between their "
-        "latencies is the measurement's noise.",
+        "latencies is the measurement's noise. VQA % = the official VQA accuracy on the test "
+        "split's synthetic questions (colour, shape at a relation, count, yes/no), answers ranked "
+        "from the set's answer list (BLIP's rank mode), after VQA finetuning of each model's "
+        "BLIP_VQA form.",
         "",
         "## Student vs teacher",
         "",
