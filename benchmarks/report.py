@@ -363,6 +363,25 @@ def thumbnail_memory(record: dict) -> str:
     return table(header, [row])
 
 
+def vqa_latency(record: dict) -> str:
+    header = ["model", "params", "px", "rank ms", "generate ms", "speed-up rank / generate"]
+    rows = []
+    for name, m in record["models"].items():
+        s = m["speedup_vs_blip_base_vqa"]
+        rows.append([
+            name, f"{m['params'] / 1e6:.1f}M", str(m["image_size"]),
+            num(m["median_ms"]["rank"]), num(m["median_ms"]["generate"]),
+            f"{s['rank']:.2f}x / {s['generate']:.2f}x",
+        ])  # fmt: skip
+    note = (
+        f"{record['threads']} thread(s), batch 1, median of {record['repeats']} interleaved "
+        f"calls; rank over {record['answer_list']} answers, k_test {record['k_test']}; "
+        "generate: 3 beams, 10 tokens; whole run "
+        f"{record['seconds']:.0f} s."
+    )
+    return note + "\n\n" + table(header, rows)
+
+
 # region name -> (results file, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "size": ("model_size.json", size_tables),
@@ -383,6 +402,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "gpu_itm": ("gpu_itm.json", gpu_itm),
     "thumbnail_memory": ("thumbnail_memory.json", thumbnail_memory),
     "thumbnail_memory_before": ("thumbnail_memory_before.json", thumbnail_memory),
+    "vqa_latency": ("vqa_latency_cpu.json", vqa_latency),
 }
 
 
