@@ -44,10 +44,14 @@ def server(tmp_path_factory):
     model_dir = dlip.save(dlip.create_model("test_tiny"), root / "model")
     predictor = Predictor.load(str(model_dir), device="cpu")
     assert build_index(predictor, root / "images", root / "index", progress=False).complete
+    yield from _serve(model_dir, ["--index", str(root / "index")], root / "server.log")
+
+
+def _serve(model_dir: Path, extra: list[str], log: Path):
+    """`dlip serve` as a subprocess: yields its URL once it answers, stops it afterwards."""
     url = f"http://127.0.0.1:{(port := free_port())}"
     cmd = [sys.executable, "-m", "dlip", "serve", "--model", str(model_dir), "--port", str(port)]
-    cmd += ["--index", str(root / "index"), "--log-level", "warning"]
-    log = root / "server.log"
+    cmd += [*extra, "--log-level", "warning"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -151,22 +155,7 @@ def vqa_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser_vqa")
     model_dir = dlip.save(dlip.create_model(dlip.get_config("test_tiny").vqa_form()), root / "m")
     (root / "answers.json").write_text('["yes", "no", "cat", "two", "red"]')
-    url = f"http://127.0.0.1:{(port := free_port())}"
-    cmd = [sys.executable, "-m", "dlip", "serve", "--model", str(model_dir), "--port", str(port)]
-    cmd += ["--answers", str(root / "answers.json"), "--log-level", "warning"]
-    log = root / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_ready(proc, url, log)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    yield from _serve(model_dir, ["--answers", str(root / "answers.json")], root / "server.log")
 
 
 def test_a_vqa_model_gets_a_question_box(vqa_server, browser):

@@ -31,7 +31,9 @@ TEXTS = [
 ENC_ID, DEC_ID, SEP_ID = 30523, 30522, 102
 
 
-def _hf_config():
+def _hf_config(vision_width: int = 48):
+    """Tiny BLIP shapes; text width 32 (the VQA tests use vision_width=32: HF's answer decoder
+    reads question states at the vision width)."""
     return transformers.BlipConfig(
         text_config=dict(
             vocab_size=30524,
@@ -43,10 +45,10 @@ def _hf_config():
             layer_norm_eps=1e-12,
         ),
         vision_config=dict(
-            hidden_size=48,
+            hidden_size=vision_width,
             num_hidden_layers=2,
             num_attention_heads=4,
-            intermediate_size=96,
+            intermediate_size=2 * vision_width,
             image_size=32,
             patch_size=16,
             layer_norm_eps=1e-6,

@@ -11,7 +11,7 @@ from dlip.cli import main
 from dlip.models import vqa
 from dlip.models.io import CheckpointError
 from dlip.tokenizer import get_tokenizer
-from test_convert import _salesforce_state, _save_pth
+from test_convert import _hf_config, _salesforce_state, _save_pth
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,33 +24,11 @@ PADDED = ["what is it?", "what color is the car next to the red house?"]
 ANSWERS = ["yes", "two", "a red car", "blue"]
 
 
-def _hf_vqa_config():
-    text = dict(
-        vocab_size=30524,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        layer_norm_eps=1e-12,
-    )
-    vision = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=16,
-        layer_norm_eps=1e-6,
-    )
-    return transformers.BlipConfig(text_config=text, vision_config=vision)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vqa")
     torch.manual_seed(0)
-    hf = transformers.BlipForQuestionAnswering(_hf_vqa_config()).eval()
+    hf = transformers.BlipForQuestionAnswering(_hf_config(vision_width=32)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.3)

@@ -89,3 +89,17 @@ def test_info_cli_table(capsys):
 def test_info_unknown_model(capsys):
     assert main(["info", "no_such_model"]) == 2
     assert "unknown model preset 'no_such_model'" in capsys.readouterr().err
+
+
+def test_info_of_a_vqa_model_compares_with_blips_vqa(capsys):
+    """dlip_tiny_vqa's vision width (192) differs from its text width (256): its answer decoder
+    reads text-width question states, which the FLOP count must follow (it used to feed the
+    decoder image tokens and fail)."""
+    assert main(["info", "dlip_tiny_vqa", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["teacher"]["name"] == "blip_base_vqa"
+    assert set(out["flops"]) == {"image_embed", "question_encode", "answer_token"}
+    assert out["params"]["heads"] == 0 and out["params"]["retrieval"] == 0
+    model = dlip.create_model("dlip_tiny_vqa")
+    assert out["params"]["total"] == sum(p.numel() for p in model.parameters())
+    assert 0 < out["flops"]["answer_token"] < out["flops"]["question_encode"]

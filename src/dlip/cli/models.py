@@ -18,7 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="preset name (dlip.list_presets()) or saved model directory")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--text-len", type=int, default=30)
-    p.add_argument("--teacher", default="blip_base", help="compare against this (''=none)")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="compare against this (''=none; default blip_base, blip_base_vqa for a VQA model)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -59,6 +63,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.image_size:
         config = config.with_image_size(args.image_size)
     info = model_info(config, text_len=args.text_len)
+    if args.teacher is None:
+        args.teacher = "blip_base_vqa" if config.vqa else "blip_base"
     if args.teacher and args.teacher != args.model:
         teacher = resolve_config(args.teacher).with_image_size(config.vision.image_size)
         info["teacher"] = model_info(teacher, text_len=args.text_len)

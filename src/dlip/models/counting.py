@@ -164,6 +164,22 @@ def caption_flops(
     return total + sum(first + slope * s for s in steps)
 
 
+def _answer_token_flops(model: BLIP, states: Tensor, question_mask: Tensor) -> int:
+    """One KV-cached answer-decoder step after [DEC] (the question's cross K/V cached)."""
+    dev = states.device
+    start = torch.full((1, 1), 1037, dtype=torch.long, device=dev)
+    cache = KVCache.empty(model.config.text.num_layers)
+    model.decode(states, start, torch.ones_like(start), cache=cache, source_mask=question_mask)
+    mask = torch.ones(1, 2, dtype=torch.long, device=dev)
+
+    def step() -> None:
+        step_cache = KVCache(list(cache.self_kv), list(cache.cross_kv))
+        out = model.decode(None, start, mask, cache=step_cache, source_mask=question_mask)
+        model.text_decoder.cls(out.tokens)
+
+    return _flops(step)
+
+
 @torch.no_grad()
 def flop_counts(config: ModelConfig, text_len: int = 30) -> dict[str, int]:
     """Forward FLOPs at batch 1 (see module docstring).
@@ -183,7 +199,11 @@ def flop_counts(config: ModelConfig, text_len: int = 30) -> dict[str, int]:
     if cfg.has_itc:
         out["text_embed"] = _flops(lambda: model.encode_text(ids, mask))
         out["itm_pair"] = _flops(lambda: model.itm_logits(image_tokens, ids, mask))
-    if cfg.has_decoder:
+    if cfg.vqa:  # BLIP_VQA: the question encoder, then answer tokens reading its states
+        out["question_encode"] = _flops(lambda: model.multimodal(image_tokens, ids, mask))
+        states = model.multimodal(image_tokens, ids, mask).tokens  # (1, T, Dt)
+        out["answer_token"] = _answer_token_flops(model, states, mask)
+    elif cfg.has_decoder:
         cache = KVCache.empty(cfg.text.num_layers)
         model.decode(image_tokens, ids[:, :-1], mask[:, :-1], cache=cache)
 
