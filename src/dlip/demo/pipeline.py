@@ -107,6 +107,7 @@ def pretrain_config(plan: DemoPlan, lay: Layout, model: str) -> dict[str, Any]:
 def finetune_config(plan: DemoPlan, lay: Layout, model: str, task: str) -> dict[str, Any]:
     """The `dlip finetune` yaml: the same short recipe for every model, no KD."""
     d = lay.data
+    steps = plan.vqa_steps if task == VQA else plan.finetune_steps
     pre = "vqa_" if task == VQA else ""
     files = {
         "train": [str(d / f"{pre}train.json")],
@@ -125,8 +126,8 @@ def finetune_config(plan: DemoPlan, lay: Layout, model: str, task: str) -> dict[
         "eval": {"k_test": plan.k_test, "batch_size": 64},
         "run": {
             "run_dir": str(lay.finetune_dir(model, task)),
-            "max_steps": plan.finetune_steps,
-            "log_every": max(1, min(10, plan.finetune_steps // 4)),
+            "max_steps": steps,
+            "log_every": max(1, min(10, steps // 4)),
             "ckpt_every": 50,
             "seed": plan.seed,
         },

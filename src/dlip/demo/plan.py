@@ -57,7 +57,8 @@ class DemoPlan:
     batch_size: int
     teacher_steps: int
     student_steps: int
-    finetune_steps: int  # per model and task
+    finetune_steps: int  # per model, retrieval and captioning
+    vqa_steps: int  # per model: VQA finetuning (60 steps left every model near its prior)
     k_test: int  # ITM re-rank candidates in retrieval evaluation
     latency_repeats: int
     seed: int = 0
@@ -66,7 +67,7 @@ class DemoPlan:
     def full(cls) -> DemoPlan:
         return cls(
             name="full", train_images=1000, val_images=50, test_images=100, batch_size=32,
-            teacher_steps=400, student_steps=200, finetune_steps=60, k_test=16,
+            teacher_steps=400, student_steps=200, finetune_steps=60, vqa_steps=300, k_test=16,
             latency_repeats=30,
         )  # fmt: skip
 
@@ -74,7 +75,8 @@ class DemoPlan:
     def quick(cls) -> DemoPlan:
         return cls(
             name="quick", train_images=96, val_images=8, test_images=16, batch_size=16,
-            teacher_steps=12, student_steps=8, finetune_steps=4, k_test=4, latency_repeats=2,
+            teacher_steps=12, student_steps=8, finetune_steps=4, vqa_steps=4, k_test=4,
+            latency_repeats=2,
         )  # fmt: skip
 
     def to_dict(self) -> dict:

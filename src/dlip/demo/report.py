@@ -176,8 +176,8 @@ def write_report(results: dict[str, Any], root: Path) -> Path:
         f"Synthetic data: {plan['train_images']} training images (5 captions each), "
         f"{plan['test_images']} test images; teacher {plan['teacher_steps']} pretraining steps, "
         f"each student {plan['student_steps']}; every model then finetuned "
-        f"{plan['finetune_steps']} steps per task (retrieval, captioning, VQA). Training stages "
-        f"took {total:.0f}s.",
+        f"{plan['finetune_steps']} steps for retrieval and for captioning, {plan['vqa_steps']} for "
+        f"VQA. Training stages took {total:.0f}s.",
         "",
         verdict(results),
         "",
