@@ -87,16 +87,50 @@ def test_config_validates():
 
 
 # -------------------------------------------------------------------------------- layer maps
-def test_layer_map_default_is_uniform_and_ends_at_the_last_layer():
+def test_layer_map_spreads_keeping_the_first_and_last_layers():
     pairs = LayerMap.uniform("text", range(6), range(12)).pairs
-    assert pairs == ((0, 1), (1, 3), (2, 5), (3, 7), (4, 9), (5, 11))
-    # 4 <- 10: (i+1)*2.5 = 2.5, 5, 7.5, 10 rounded half up -> 3, 5, 8, 10, minus one.
-    assert [t for _, t in LayerMap.uniform("x", range(4), range(10)).pairs] == [2, 4, 7, 9]
+    assert pairs == ((0, 0), (1, 2), (2, 4), (3, 7), (4, 9), (5, 11))
+    # 4 <- 10: i * 9 / 3 = 0, 3, 6, 9.
+    assert [t for _, t in LayerMap.uniform("x", range(4), range(10)).pairs] == [0, 3, 6, 9]
     assert [t for _, t in LayerMap.uniform("x", range(4), range(2)).pairs] == [0, 0, 1, 1]
     assert [t for _, t in LayerMap.uniform("x", range(5), range(1)).pairs] == [0] * 5
     assert LayerMap.uniform("x", range(3), range(3)).pairs == ((0, 0), (1, 1), (2, 2))
+    assert LayerMap.uniform("x", range(1), range(12)).pairs == ((0, 11),)  # one layer: the last
     # Streams that do not start at layer 0 (the fusion layers of a fusion_layers=k model).
-    assert LayerMap.uniform("fusion", range(4, 6), range(12)).pairs == ((4, 5), (5, 11))
+    assert LayerMap.uniform("fusion", range(4, 6), range(12)).pairs == ((4, 0), (5, 11))
+
+
+@pytest.mark.parametrize(
+    "student, teacher",
+    [("dlip_small", "blip_base"), ("dlip_tiny", "blip_base"), ("dlip_tiny", "dlip_base"),
+     ("test_tiny", "dlip_tiny")],
+)  # fmt: skip
+def test_kd_layer_maps_pair_each_layer_with_the_one_it_inherits(student, teacher):
+    """One rule for `model.init=inherit` and the default KD maps: 12 -> 6 used to inherit
+    0, 2, 4, 7, 9, 11 and distil towards 1, 3, 5, 7, 9, 11, pulling a copy of teacher layer 0
+    towards layer 1. Where the topologies differ (test_tiny's fusion in every layer against
+    dlip_tiny's last two), a stream whose inherited layers fall outside the teacher's stream
+    spreads over the stream's own layers."""
+    from types import SimpleNamespace
+
+    from dlip.losses.adapters import stream_layers
+    from dlip.models.init import resolve_layer_maps
+
+    s, t = dlip.get_config(student), dlip.get_config(teacher)
+    terms = ("kd_hidden_image", "kd_hidden_text", "kd_hidden_fusion", "kd_hidden_decoder")
+    adapters = KDAdapters.build(KDConfig(weights=dict.fromkeys(terms, 1.0)), s, t)
+    inherit = resolve_layer_maps(SimpleNamespace(config=s), SimpleNamespace(config=t))
+    vision, text = inherit["vision"], inherit["text"]
+    for stream in ("image", "text", "fusion", "decoder"):
+        inherited = vision if stream == "image" else text
+        pairs = adapters.layer_maps[stream].pairs
+        s_layers, t_layers = stream_layers(s, stream), stream_layers(t, stream)
+        if all(inherited[i] in t_layers for i in s_layers):
+            assert pairs and all(inherited[i] == j for i, j in pairs), (stream, pairs, inherited)
+        else:
+            assert pairs == LayerMap.uniform(stream, s_layers, t_layers).pairs
+    if (student, teacher) == ("dlip_small", "blip_base"):
+        assert [j for _, j in adapters.layer_maps["text"].pairs] == [0, 2, 4, 7, 9, 11]
 
 
 def test_layer_map_explicit_forms_and_errors():
@@ -104,7 +138,7 @@ def test_layer_map_explicit_forms_and_errors():
     assert m.pairs == ((0, 0), (1, 11)) and m.teacher_layers == {0, 11}
     m = LayerMap.resolve("text", [[1, 5]], range(2), range(12))
     assert m.pairs == ((1, 5),) and m.student_layers == {1}
-    assert LayerMap.resolve("text", None, range(2), range(4)).pairs == ((0, 1), (1, 3))
+    assert LayerMap.resolve("text", None, range(2), range(4)).pairs == ((0, 0), (1, 3))
     with pytest.raises(ValueError, match=r"teacher layer 12 is out of range.*has 12 layers"):
         LayerMap.resolve("text", [0, 12], range(2), range(12))
     with pytest.raises(ValueError, match=r"student layer 2 is out of range.*has 2 layers"):
@@ -174,11 +208,11 @@ def test_adapters_layer_maps_and_taps():
         layer_maps={"decoder": [1, 2]},
     )
     adapters = KDAdapters.build(cfg, s_cfg, t_cfg)
-    assert adapters.layer_maps["image"].pairs == ((0, 1), (1, 3))
+    assert adapters.layer_maps["image"].pairs == ((0, 0), (1, 3))  # as inherit copies
     assert adapters.layer_maps["fusion"].pairs == ((1, 3),)
     assert adapters.layer_maps["decoder"].pairs == ((0, 1), (1, 2))
     image = adapters.taps("image", "teacher")
-    assert image.hidden == {1, 3} and image.attn == frozenset()
+    assert image.hidden == {0, 3} and image.attn == frozenset()
     fusion = adapters.taps("fusion", "student")
     assert fusion.attn == {1} and fusion.hidden == frozenset()
     assert adapters.taps("text", "student").hidden == frozenset()
@@ -343,7 +377,7 @@ def test_patch_kd_token_mean_and_grid_mismatch():
 
 
 def test_hidden_kd_layer_map_and_padding():
-    layer_map = LayerMap.uniform("text", range(2), range(4))  # (0, 1), (1, 3)
+    layer_map = LayerMap("text", ((0, 1), (1, 3)))
     ident = nn.Identity()
     student = {0: torch.zeros(1, 2, 2), 1: torch.ones(1, 2, 2)}
     teacher = {i: torch.full((1, 2, 2), float(v)) for i, v in enumerate([-9, 2, 99, 0])}
@@ -403,7 +437,7 @@ def test_head_rule_groups_when_divisible_else_averages():
 
 
 def test_attention_layers_image_grid_mismatch():
-    layer_map = LayerMap.uniform("fusion", range(1), range(2))  # (0, 1)
+    layer_map = LayerMap("fusion", ((0, 1),))
     # Cross-attention: text query -> image keys; teacher 1+4 keys, student 1+1.
     teacher = {0: torch.rand(1, 1, 1, 5), 1: t([[[[0.2, 0.2, 0.2, 0.2, 0.2]]]])}
     student = {0: t([[[[0.2, 0.8]]]])}  # the teacher's patch mass 0.8 lands on one patch

@@ -138,7 +138,7 @@ def test_timm_distilled_deit_and_bad_files_are_refused(tmp_path):
 def test_layer_map_rule_keeps_first_and_last_and_respects_fusion_groups():
     assert spread(6, 12) == [0, 2, 4, 7, 9, 11]
     assert spread(2, 4) == [0, 3]
-    assert spread(1, 5) == [0]
+    assert spread(1, 5) == [4]  # one layer: the teacher's last
     assert spread(4, 2) == [0, 0, 1, 1]
     s = tiny(text={"num_layers": 4, "fusion_layers": 2}).text
     t = tiny(text={"num_layers": 12, "fusion_layers": 6}).text

@@ -93,7 +93,7 @@ class KDConfig:
     hidden_loss: str = "mse"  # kd_hidden_*: "mse" (TinyBERT) or "cos"
     patch_pool: str = "token"  # kd_rep_patch: "token" (per patch) or "mean" (mean patch)
     # stream -> explicit layer map (LayerMap.resolve): a teacher layer per student layer, or
-    # [student, teacher] pairs; a stream not listed maps uniformly.
+    # [student, teacher] pairs; a stream not listed follows model.init=inherit's layer rule.
     layer_maps: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     eps: float = 1e-8  # clamp of student attention probabilities before the log
 
@@ -167,11 +167,13 @@ def stream_width(config: ModelConfig, stream: str) -> int:
 class LayerMap:
     """(student layer, teacher layer) pairs of one stream; KD terms average over the pairs.
 
-    Default (`uniform`): student layer i of Ls <- teacher layer round((i+1)*Lt/Ls) - 1 (rounded
-    half up, at least the first layer), counted within each stream's layers. The last student
-    layer therefore always maps to the last teacher layer, and the others are spread evenly
-    below it: 6 <- 12 gives 0<-1, 1<-3, 2<-5, 3<-7, 4<-9, 5<-11 (TinyBERT-style uniform
-    spacing). A deeper student maps several layers to one teacher layer.
+    Default (`default`): the pairs `model.init=inherit` copies by (dlip.models.init.layer_pairs:
+    round(i * (Lt-1) / (Ls-1)) half up, first and last layers kept; 6 <- 12 gives 0<-0, 1<-2,
+    2<-4, 3<-7, 4<-9, 5<-11), so a student layer inherited from teacher layer j is pulled
+    towards layer j's output. Where the two models' topologies put a mapped teacher layer
+    outside the stream's layers (e.g. a `fusion_layers=k` teacher against a BLIP-topology
+    student), the stream's own layers are spread by the same rule (`uniform`). A deeper
+    student maps several layers to one teacher layer.
     """
 
     stream: str
@@ -187,12 +189,26 @@ class LayerMap:
 
     @classmethod
     def uniform(cls, stream: str, student: Sequence[int], teacher: Sequence[int]) -> LayerMap:
+        """The stream's student layers spread over its teacher layers (`init.spread`)."""
+        from dlip.models.init import spread
+
         ls, lt = len(student), len(teacher)
         if ls == 0 or lt == 0:
             raise ValueError(f"kd layer map '{stream}': a tower runs no layers in this stream")
-        # round half up in integers: floor((i+1)*lt/ls + 1/2) = ((i+1)*2*lt + ls) // (2*ls)
-        picks = [max(1, ((i + 1) * 2 * lt + ls) // (2 * ls)) - 1 for i in range(ls)]
+        picks = spread(ls, lt)
         return cls(stream, tuple((student[i], teacher[j]) for i, j in enumerate(picks)))
+
+    @classmethod
+    def default(cls, stream: str, student: ModelConfig, teacher: ModelConfig) -> LayerMap:
+        """The inherit rule's pairs within the stream (see the class docstring)."""
+        from dlip.models.init import layer_pairs
+
+        s_layers, t_layers = stream_layers(student, stream), stream_layers(teacher, stream)
+        full = layer_pairs(student, teacher, "vision" if stream == "image" else "text")
+        picks = [full[i] for i in s_layers]
+        if s_layers and all(j in t_layers for j in picks):
+            return cls(stream, tuple(zip(s_layers, picks, strict=True)))
+        return cls.uniform(stream, s_layers, t_layers)
 
     @classmethod
     def resolve(
@@ -294,7 +310,11 @@ class KDAdapters(nn.ModuleDict):
             if stream in needs or spec is not None:
                 s_layers, t_layers = stream_layers(student, stream), stream_layers(teacher, stream)
                 depths = (tower_depth(student, stream), tower_depth(teacher, stream))
-                maps[stream] = LayerMap.resolve(stream, spec, s_layers, t_layers, depths)
+                maps[stream] = (
+                    LayerMap.default(stream, student, teacher)
+                    if spec is None
+                    else LayerMap.resolve(stream, spec, s_layers, t_layers, depths)
+                )
         taps = {}
         for stream, kinds in needs.items():
             m = maps[stream]

@@ -11,8 +11,10 @@ Ls takes teacher layer round(i * (Lt - 1) / (Ls - 1)) (half up), so the first an
 layers are always kept and the others are evenly spaced between them: 12 -> 6 takes
 0, 2, 4, 7, 9, 11; 4 -> 2 takes 0, 3. Keeping the last layer keeps the copied heads (ITC
 projections, ITM, LM) on the states they were trained on. A one-layer group takes the
-teacher's first layer; a deeper student repeats teacher layers. In the text tower, when
-both models have an int `fusion_layers` (and both or neither have text-only layers),
+teacher's last layer; a deeper student repeats teacher layers. The KD layer maps default to
+the same pairs (`layer_pairs`, used by dlip.losses.adapters.LayerMap), so a student layer
+inherited from teacher layer j is distilled towards teacher layer j's output. In the text
+tower, when both models have an int `fusion_layers` (and both or neither have text-only layers),
 text-only layers map among the teacher's text-only layers and fusion layers among its
 fusion layers; otherwise (either is "all") the whole stacks map. The decoder's own
 self-attention follows the same text map.
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor
 
 from dlip.models.blip import BLIP
-from dlip.models.config import TextConfig
+from dlip.models.config import ModelConfig, TextConfig
 from dlip.models.io import alias_map, key_problems
 from dlip.models.vision import resize_pos_embed
 
@@ -183,10 +185,19 @@ def _check_strict(own: Mapping[str, Tensor], state: Mapping[str, Tensor], path) 
 
 # ---------------------------------------------------------------------------------- inherit
 def spread(ls: int, lt: int) -> list[int]:
-    """Teacher layer per student layer: round(i * (lt-1) / (ls-1)), half up; [0] for ls == 1."""
+    """Teacher layer per student layer: round(i * (lt-1) / (ls-1)), half up (first and last
+    kept); the last teacher layer for a one-layer student."""
     if ls <= 1:
-        return [0] * ls
+        return [lt - 1] * ls
     return [(2 * i * (lt - 1) + (ls - 1)) // (2 * (ls - 1)) for i in range(ls)]
+
+
+def layer_pairs(student: ModelConfig, teacher: ModelConfig, tower: str) -> list[int]:
+    """The teacher layer of every student layer of `tower` ("vision" or "text"): the rule both
+    `model.init=inherit` and the default KD layer maps follow."""
+    if tower == "vision":
+        return spread(student.vision.depth, teacher.vision.depth)
+    return text_layer_map(student.text, teacher.text)
 
 
 def text_layer_map(student: TextConfig, teacher: TextConfig) -> list[int]:
@@ -209,10 +220,7 @@ def resolve_layer_maps(
     """{"vision": [...], "text": [...]}: the default rule, or explicit teacher layers per
     student layer (one per student layer, each in range) for either key."""
     s, t = student.config, teacher.config
-    maps = {
-        "vision": spread(s.vision.depth, t.vision.depth),
-        "text": text_layer_map(s.text, t.text),
-    }
+    maps = {"vision": layer_pairs(s, t, "vision"), "text": layer_pairs(s, t, "text")}
     depths = {
         "vision": (s.vision.depth, t.vision.depth),
         "text": (s.text.num_layers, t.text.num_layers),
