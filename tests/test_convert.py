@@ -109,6 +109,8 @@ def test_hf_config_is_read(retrieval_pair, caption_pair):
     assert c.vision.layer_norm_eps == 1e-6 and c.text.num_heads == 4 and c.embed_dim == 24
     assert c.text.max_position_embeddings == 64
     assert (caption_pair[1].config.has_encoder, caption_pair[1].config.has_decoder) == (False, True)
+    # HF stores no ITC temperature: the converted retrieval model's temp is marked unknown
+    assert not c.temp_known and caption_pair[1].config.temp_known
 
 
 @torch.no_grad()

@@ -92,6 +92,10 @@ class ModelConfig:
     # ITM head or temperature) and the decoder, untied, answers from the question encoder's
     # states, so its cross-attention reads text.hidden_size-wide states, not image tokens.
     vqa: bool = False
+    # False when `temp` is not a trained value: transformers' BLIP checkpoints store no ITC
+    # temperature, so a model converted from one holds BLIP's initial 0.07. KD from such a
+    # teacher needs loss.kd.itc_temperature (dlip.train.task.build_adapters checks).
+    temp_known: bool = True
     # Preprocessing the model was trained with (the model carries it, transforms are built from it).
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD

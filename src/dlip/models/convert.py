@@ -198,6 +198,8 @@ def hf_config_to_dlip(hf: dict, name: str) -> ModelConfig:
             "decoder's cross-attention reads the question states at the vision width there)"
         )
     config = ModelConfig(
+        # HF checkpoints carry no ITC temperature: the retrieval form's temp is BLIP's init
+        temp_known=arch != "BlipForImageTextRetrieval",
         name=name,
         vision=vision,
         text=text,

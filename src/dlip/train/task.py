@@ -86,6 +86,8 @@ class PretrainTask(nn.Module):
             )
         if self.use_lm and not student.config.has_decoder:
             raise ValueError("the LM loss (or a decoder KD term) needs a student with has_decoder")
+        if self.use_itc and not student.config.temp_known:  # trained from here on
+            student.config = student.config.replace(temp_known=True)
         self.prompt_length = prompt_length
         self.itm_all_ranks = cfg.loss.itm_all_ranks
         self.momentum = cfg.loss.momentum
@@ -317,7 +319,15 @@ def build_adapters(cfg: Any, student_config: ModelConfig, teacher: BLIP | None) 
             f"teacher/student tokenizer mismatch: student vocab_size {s_vocab}, teacher "
             f"{t_vocab} ({cfg.teacher.checkpoint}); both must use the same tokenizer"
         )
-    return KDAdapters.build(cfg.kd_config(), student_config, teacher.config)
+    kd = cfg.kd_config()
+    if "kd_itc" in kd.enabled and not teacher.config.temp_known and kd.itc_temperature is None:
+        raise ValueError(
+            f"kd_itc: teacher.checkpoint={cfg.teacher.checkpoint} has no trained ITC "
+            f"temperature (converted from transformers' BLIP, whose checkpoints store none; its "
+            f"temp is BLIP's initial {float(teacher.temp):.2f}), so the teacher's similarity "
+            "distribution would have an arbitrary sharpness: set loss.kd.itc_temperature"
+        )
+    return KDAdapters.build(kd, student_config, teacher.config)
 
 
 def load_student(cfg: FinetuneConfig) -> BLIP:

@@ -1,0 +1,94 @@
+"""The KD core, end to end through the real pretraining task: an identical teacher gives every KD
+term zero, and a teacher without a trained ITC temperature (converted from transformers) cannot
+silently set kd_itc's sharpness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dlip
+from dlip.data.synthetic import synthesize
+from dlip.losses.adapters import KD_TERMS
+from dlip.tokenizer import get_tokenizer
+from dlip.train.config import load
+from dlip.train.loop import to_inputs
+from dlip.train.pretrain import build_loader, build_task
+from dlip.train.task import load_teacher
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_kd")
+    synthesize(out, 12, seed=0, image_size=32, captions_per_image=2)
+    return out
+
+
+def _cfg(synth, tmp_path, teacher, **extra):
+    items = {
+        "run_dir": tmp_path / "run", "max_steps": 1, "data.synth_dir": synth,
+        "data.batch_size": 4, "data.num_workers": 0, "data.max_length": 20,
+        "data.hflip": "false", "data.rand_augment": "false", "loss.momentum_distill": "false",
+        "teacher.checkpoint": teacher, "model.preset": "test_tiny", **extra,
+    }  # fmt: skip
+    return load(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def _batch(cfg, task):
+    loader = build_loader(cfg, task.student.config)
+    loader.set_epoch(0)
+    return to_inputs(next(iter(loader)), get_tokenizer(), cfg.data.max_length, "cpu")
+
+
+@torch.no_grad()
+def test_an_identical_teacher_gives_every_kd_term_zero(synth, tmp_path):
+    """The student copies the teacher exactly (model.init=inherit, same architecture): every
+    one of the 17 KD terms, through the real task forward (image, text, fusion with the
+    student's ITM pairs, decoder), is ~0. A term reading the wrong layer, tokens, pairs or
+    mask would not be."""
+    torch.manual_seed(3)
+    teacher_dir = dlip.save(dlip.create_model("test_tiny"), tmp_path / "teacher")
+    weights = {f"loss.kd.weights.{t}": 1.0 for t in KD_TERMS}
+    cfg = _cfg(synth, tmp_path, teacher_dir, **{"model.init": "inherit", **weights})
+    task = build_task(cfg, load_teacher(cfg)).eval()  # eval: dropout off on both sides
+    s, t = task.student.state_dict(), task.teacher.state_dict()
+    assert all(torch.equal(s[k], t[k]) for k in s)
+    terms = task(_batch(cfg, task))
+    kd = {k: float(v) for k, v in terms.items() if k.startswith("kd_")}
+    assert set(kd) == set(KD_TERMS)
+    assert all(abs(v) < 1e-6 for v in kd.values()), kd
+    assert all(float(terms[k]) > 0 for k in ("loss_itc", "loss_itm", "loss_lm"))
+
+
+def test_a_teacher_without_a_trained_temperature_needs_itc_temperature(synth, tmp_path):
+    model = dlip.create_model("test_tiny")
+    model.config = model.config.replace(temp_known=False)  # what `dlip convert --from hf` gives
+    teacher_dir = dlip.save(model, tmp_path / "hf_teacher")
+    assert not dlip.load(teacher_dir).config.temp_known  # saved and read back
+    cfg = _cfg(synth, tmp_path, teacher_dir, **{"loss.kd.weights.kd_itc": 1.0})
+    with pytest.raises(ValueError, match=r"no trained ITC temperature.*loss\.kd\.itc_temperature"):
+        build_task(cfg, load_teacher(cfg))
+    fixed = _cfg(synth, tmp_path, teacher_dir, **{"loss.kd.weights.kd_itc": 1.0,
+                                                  "loss.kd.itc_temperature": 0.05})  # fmt: skip
+    assert "kd_itc" in build_task(fixed, load_teacher(fixed))(_batch(fixed, build_task(fixed)))
+    other = _cfg(synth, tmp_path, teacher_dir, **{"loss.kd.weights.kd_lm": 1.0})
+    build_task(other, load_teacher(other))  # terms that do not read the temperature: fine
+
+
+def test_a_student_trained_with_itc_has_a_known_temperature(tmp_path):
+    start = dlip.create_model("test_tiny")
+    start.config = start.config.replace(temp_known=False)
+    start_dir = dlip.save(start, tmp_path / "from_hf")
+    from dlip.train.finetune import finetune, load_config
+
+    synthesize(tmp_path / "ft", 12, seed=0, image_size=32, captions_per_image=2, n_val=3,
+               n_test=3)  # fmt: skip
+    ft = load_config("retrieval", None, [
+        f"model.checkpoint={start_dir}", f"data.synth_dir={tmp_path / 'ft'}", "data.batch_size=4",
+        "data.num_workers=0", f"run_dir={tmp_path / 'ft_run'}", "run.max_steps=1",
+        "loss.momentum_distill=false", "eval.k_test=2",
+    ])  # fmt: skip
+    final = finetune(ft, test=False)
+    assert dlip.load(final).config.temp_known
