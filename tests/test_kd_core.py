@@ -92,3 +92,34 @@ def test_a_student_trained_with_itc_has_a_known_temperature(tmp_path):
     ])  # fmt: skip
     final = finetune(ft, test=False)
     assert dlip.load(final).config.temp_known
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the task: records the alpha the training step passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.student_m = object()  # a momentum encoder exists: alpha is ramped
+        self.seen: list[float] = []
+
+    def forward(self, batch, alpha: float = 0.0):
+        self.seen.append(alpha)
+        return {"loss_itc": self.w.sum() * 1.0}
+
+    def after_step(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind, want", [("pretrain", 0.1), ("finetune", 0.2)])
+def test_alpha_ramps_over_two_epochs_in_pretraining_and_one_in_finetuning(kind, want):
+    """BLIP: pretrain.py ramps alpha over the first 2 epochs, train_retrieval.py over the
+    first; halfway through epoch 0 (step 5 of 10) alpha is 0.4 * 5/20 or 0.4 * 5/10."""
+    from dlip.train.config import FinetuneConfig, PretrainConfig
+    from dlip.train.loop import train_step
+
+    cfg = PretrainConfig() if kind == "pretrain" else FinetuneConfig()
+    task = _Recorder()
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+    train_step(task, task, optimizer, [{}], cfg, step=5, steps_per_epoch=10, total_steps=100)
+    assert task.seen == [pytest.approx(want)]

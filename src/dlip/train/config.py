@@ -122,8 +122,11 @@ class FinetuneConfig:
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
-    # BLIP retrieval: ITM negatives from all ranks (COCO's negative_all_rank; Flickr: False).
-    loss: LossSection = field(default_factory=lambda: LossSection(itm_all_ranks=True))
+    # BLIP retrieval: ITM negatives from all ranks (COCO's negative_all_rank; Flickr: False);
+    # the momentum-distillation alpha ramps over the first epoch (train_retrieval.py).
+    loss: LossSection = field(
+        default_factory=lambda: LossSection(itm_all_ranks=True, alpha_ramp_epochs=1.0)
+    )
     optim: OptimSection = field(default_factory=lambda: FINETUNE_OPTIM)
     eval: EvalSection = field(default_factory=EvalSection)
     run: RunSection = field(default_factory=lambda: RunSection("runs/finetune", epochs=6))

@@ -127,7 +127,9 @@ def train_step(
         decay_rate=o.decay_rate,
     )  # fmt: skip
     set_lr(optimizer, lr)
-    alpha = alpha_at(step, steps_per_epoch, cfg.loss.alpha) if task.student_m is not None else 0.0
+    alpha = 0.0
+    if task.student_m is not None:  # BLIP's ramp: 2 epochs in pretraining, 1 in finetuning
+        alpha = alpha_at(step, steps_per_epoch, cfg.loss.alpha, cfg.loss.alpha_ramp_epochs)
     weights = loss_weights(cfg)
     device = next(task.parameters()).device
     scaler = scaler or gradient_scaler(device, cfg.run.precision)

@@ -137,7 +137,10 @@ class LossSection:
     itm_all_ranks: bool = False  # hard negatives from all ranks (BLIP: retrieval on, pretrain off)
     momentum_distill: bool = True  # BLIP's momentum encoder + feature queue + soft ITC targets
     queue_size: int = 57600
-    alpha: float = 0.4  # soft-target share, ramped from 0 over the first epoch as BLIP
+    alpha: float = 0.4  # soft-target share of the momentum-distilled ITC targets
+    # epochs over which alpha ramps up from 0: BLIP's pretraining 2 (pretrain.py), its
+    # retrieval finetuning 1 (train_retrieval.py); FinetuneConfig's default is 1
+    alpha_ramp_epochs: float = 2.0
     momentum: float = 0.995  # EMA of the momentum encoder
     kd: KDConfig = field(default_factory=KDConfig)  # distillation terms (no teacher: all 0)
 
@@ -148,6 +151,8 @@ class LossSection:
             require(0 <= value < math.inf, f"loss.{name}", value, "a finite number >= 0")
         require(self.queue_size >= 0, "loss.queue_size", self.queue_size, ">= 0")
         require(0 <= self.alpha <= 1, "loss.alpha", self.alpha, "in [0, 1]")
+        require(0 <= self.alpha_ramp_epochs < math.inf, "loss.alpha_ramp_epochs",
+                self.alpha_ramp_epochs, "a finite number >= 0")  # fmt: skip
         require(0 < self.momentum < 1, "loss.momentum", self.momentum, "in (0, 1)")
 
     def kd_config(self) -> KDConfig:
