@@ -123,3 +123,45 @@ def test_alpha_ramps_over_two_epochs_in_pretraining_and_one_in_finetuning(kind, 
     optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
     train_step(task, task, optimizer, [{}], cfg, step=5, steps_per_epoch=10, total_steps=100)
     assert task.seen == [pytest.approx(want)]
+
+
+def test_the_teacher_sees_the_same_crop_at_its_size_and_with_its_statistics(synth, tmp_path):
+    """A student at 64 px with CLIP statistics and a teacher at 32 px with ImageNet's: the
+    teacher gets the crop re-normalised with its own mean / std and shrunk with antialiasing,
+    equal to preparing the raw crop for the teacher directly; before, it got the student's
+    normalisation, bicubic without antialias."""
+    import torch.nn.functional as F
+
+    from dlip.train.task import teacher_view
+
+    imagenet = {"image_mean": (0.485, 0.456, 0.406), "image_std": (0.229, 0.224, 0.225)}
+    base = dlip.get_config("test_tiny")
+    s_cfg, t_cfg = base.with_image_size(64), base.replace(**imagenet)
+    g = torch.Generator().manual_seed(0)
+    raw = (torch.rand(2, 3, 64, 64, generator=g) > 0.5).float()  # high frequencies alias
+
+    def norm(x, cfg):
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.image_mean, cfg.image_std))
+        return (x - mean) / std
+
+    student_pixels = norm(raw, s_cfg)
+    want = norm(F.interpolate(raw, size=(32, 32), mode="bicubic", antialias=True), t_cfg)
+    got = teacher_view(student_pixels, s_cfg, t_cfg)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    old = F.interpolate(student_pixels, size=(32, 32), mode="bicubic", align_corners=False)
+    assert (old - want).abs().max() > 0.5  # what the teacher saw before
+    assert teacher_view(student_pixels, s_cfg, s_cfg) is student_pixels  # same view: untouched
+
+    # and the task feeds exactly this view to the teacher's image tower
+    teacher = dlip.create_model(t_cfg)
+    teacher_dir = dlip.save(teacher, tmp_path / "teacher32")
+    cfg = _cfg(synth, tmp_path, teacher_dir, **{"model.image_size": 64,
+                                                "loss.kd.weights.kd_rep_image": 1.0})  # fmt: skip
+    task = build_task(cfg, load_teacher(cfg)).eval()
+    seen = []
+    task.teacher.visual_encoder.patch_embed.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0])
+    )
+    batch = _batch(cfg, task)
+    task(batch)
+    torch.testing.assert_close(seen[0], teacher_view(batch["image"], task.student.config, t_cfg))

@@ -219,9 +219,7 @@ class PretrainTask(nn.Module):
         fusion pass scores the student's sampled ITM pairs (positives, then negatives)."""
         t, a, enabled = self.teacher, self.adapters, set(self.kd.enabled)
         dtype = next(t.parameters()).dtype
-        size = t.config.vision.image_size
-        if pixels.shape[-1] != size:  # the teacher sees its own image size
-            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
+        pixels = teacher_view(pixels, self.student.config, t.config)
         out = KDInputs(image=t.encode_image(pixels.to(dtype), taps=a.taps("image", "teacher")))
         if enabled & _TEXT_TERMS:
             out.text = t.encode_text(ids, mask, taps=a.taps("text", "teacher"))
@@ -241,6 +239,28 @@ class PretrainTask(nn.Module):
             )
             out.lm_logits = t.text_decoder.cls(out.decoder.tokens)
         return out
+
+
+def teacher_view(pixels: Tensor, student: ModelConfig, teacher: ModelConfig) -> Tensor:
+    """The teacher's input for the student's (B, 3, S, S) batch: the same crop, normalised with
+    the teacher's mean / std (exactly: normalisation is per-channel affine) and resized to the
+    teacher's image size, bicubic with antialiasing when it shrinks (a plain bicubic
+    downsample aliases). It resamples the student's view once more rather than the original
+    image, which the loader does not keep."""
+    if student.image_mean != teacher.image_mean or student.image_std != teacher.image_std:
+        shape = (1, 3, 1, 1)
+        ms, ss = (torch.tensor(v, dtype=pixels.dtype, device=pixels.device).view(shape)
+                  for v in (student.image_mean, student.image_std))  # fmt: skip
+        mt, st = (torch.tensor(v, dtype=pixels.dtype, device=pixels.device).view(shape)
+                  for v in (teacher.image_mean, teacher.image_std))  # fmt: skip
+        pixels = (pixels * ss + ms - mt) / st  # back to [0, 1] RGB, then the teacher's stats
+    size = teacher.vision.image_size
+    if pixels.shape[-1] != size:
+        shrink = size < pixels.shape[-1]
+        pixels = F.interpolate(
+            pixels, size=(size, size), mode="bicubic", align_corners=False, antialias=shrink
+        )
+    return pixels
 
 
 def weighted_by_tokens(

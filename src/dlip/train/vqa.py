@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -31,7 +30,7 @@ from dlip.losses.distill import KDInputs, KDMasks, distill_losses, lm_kd_mask, t
 from dlip.losses.vqa import vqa_loss
 from dlip.models.blip import BLIP
 from dlip.train.config import FinetuneConfig
-from dlip.train.task import build_adapters, load_student, weighted_by_tokens
+from dlip.train.task import build_adapters, load_student, teacher_view, weighted_by_tokens
 
 # KD terms that read the unimodal text pass or the ITC / ITM heads: none exists in VQA.
 FOREIGN_TERMS = terms_of("text") | {"kd_itm"}
@@ -98,10 +97,8 @@ class VQATask(nn.Module):
         """Image, question encoder and answer decoder passes, tapped for `side`'s KD."""
         a = self.adapters
         pixels = batch["image"]
-        if side == "teacher":
-            size = model.config.vision.image_size
-            if pixels.shape[-1] != size:  # the teacher sees its own image size
-                pixels = F.interpolate(pixels, size=(size, size), mode="bicubic")
+        if side == "teacher":  # its own size and normalisation of the same crop
+            pixels = teacher_view(pixels, self.student.config, model.config)
             pixels = pixels.to(next(model.parameters()).dtype)
         q_ids, q_mask, n = batch["question_ids"], batch["question_mask"], batch["n_answers"]
         image = model.encode_image(pixels, taps=a.taps("image", side))
