@@ -165,3 +165,37 @@ def test_the_teacher_sees_the_same_crop_at_its_size_and_with_its_statistics(synt
     batch = _batch(cfg, task)
     task(batch)
     torch.testing.assert_close(seen[0], teacher_view(batch["image"], task.student.config, t_cfg))
+
+
+def test_trained_kd_projectors_travel_with_the_student(synth, tmp_path, teacher_dir, capsys):
+    """final/ keeps the KD projectors (kd_adapters.safetensors; the model still loads without
+    them) and KD finetuning from it starts from them instead of at random."""
+    from safetensors.torch import load_file
+
+    from dlip.train.finetune import build_task as build_finetune_task
+    from dlip.train.finetune import load_config
+    from dlip.train.pretrain import pretrain
+    from dlip.train.task import KD_ADAPTERS_FILE
+
+    kd = {"loss.kd.weights.kd_rep_text": 1.0, "loss.kd.weights.kd_hidden_image": 1.0}
+    cfg = _cfg(synth, tmp_path, teacher_dir, **{"max_steps": 2, **kd})
+    final = pretrain(cfg)
+    saved = load_file(str(final / KD_ADAPTERS_FILE))
+    assert set(saved) == {"kd_rep_text.weight", "kd_rep_text.bias", "kd_hidden_image.weight",
+                          "kd_hidden_image.bias"}  # fmt: skip
+    assert saved["kd_rep_text.weight"].shape == (64, 32)  # student 32 -> teacher 64
+    assert dlip.load(final).config.name == "test_tiny"
+    synthesize(tmp_path / "ft", 12, seed=0, image_size=32, captions_per_image=2, n_val=3,
+               n_test=3)  # fmt: skip
+    ft = load_config("retrieval", None, [
+        f"model.checkpoint={final}", f"teacher.checkpoint={teacher_dir}",
+        f"data.synth_dir={tmp_path / 'ft'}", "data.batch_size=4", "data.num_workers=0",
+        f"run_dir={tmp_path / 'ft_run'}", "loss.momentum_distill=false",
+        "loss.kd.weights.kd_rep_text=1.0", "loss.kd.weights.kd_rep_fusion=1.0",
+    ])  # fmt: skip
+    task = build_finetune_task(ft, load_teacher(ft))
+    assert "KD projectors restored" in capsys.readouterr().out
+    restored = task.adapters["kd_rep_text"].state_dict()
+    assert torch.equal(restored["weight"], saved["kd_rep_text.weight"])
+    assert torch.equal(restored["bias"], saved["kd_rep_text.bias"])
+    assert "kd_rep_fusion.weight" not in saved  # a term pretraining did not train: as built

@@ -35,7 +35,7 @@ from dlip.losses.adapters import terms_of
 from dlip.models.blip import BLIP
 from dlip.train.config import FinetuneConfig
 from dlip.train.loop import Job, run
-from dlip.train.task import PretrainTask, build_adapters, load_student
+from dlip.train.task import PretrainTask, load_student, start_adapters
 
 # KD terms of the other task are config errors (image terms serve both).
 _FOREIGN_TERMS = {"retrieval": terms_of("decoder"), "caption": terms_of("text", "fusion")}
@@ -55,7 +55,7 @@ def build_task(cfg: FinetuneConfig, teacher: BLIP | None = None) -> PretrainTask
     if teacher is not None and wrong:
         raise ValueError(f"KD terms {wrong} do not belong to {cfg.task} finetuning; set them to 0")
     student = load_student(cfg)
-    adapters = build_adapters(cfg, student.config, teacher)
+    adapters = start_adapters(cfg, student, teacher)
     plen = prompt_length(cfg.eval.prompt) if cfg.task == "caption" else 0
     return PretrainTask(cfg, student, teacher, adapters, cfg.objectives, prompt_length=plen)
 

@@ -81,7 +81,7 @@ from dlip.train.rundir import (
     new_run_id,
     resolve_resume,
 )
-from dlip.train.task import PretrainTask, load_teacher, teacher_identity
+from dlip.train.task import PretrainTask, load_teacher, save_student, teacher_identity
 
 
 class NonFiniteLoss(RuntimeError):
@@ -309,9 +309,7 @@ def _run_locked(r: Run, mode: str | None) -> Path:
         print(f"samples {skipped.summary()} over the run (by reason)", flush=True)
     final = r.run_dir / "final"
     if is_main_process():
-        from dlip.models.io import save
-
-        save(r.task.student, final)
+        save_student(r.task, final)
     barrier()
     return final
 
@@ -445,7 +443,6 @@ def _too_small(r: Run, n: int) -> bool:
 
 def _validate(r: Run, epoch: int, logger: MetricsLogger) -> None:
     """Validate (every rank), log `val_*` (rank 0), keep the best student in run_dir/best."""
-    from dlip.models.io import save
 
     assert r.job.validate is not None
     r.task.eval()
@@ -460,7 +457,7 @@ def _validate(r: Run, epoch: int, logger: MetricsLogger) -> None:
         logger.log(r.step, {f"val_{k}": v for k, v in metrics.items()} | {"epoch": epoch})
         if best["score"] is None or score > best["score"]:
             best.update(score=score, step=r.step, epoch=epoch, metrics=dict(metrics))
-            save(r.task.student, r.run_dir / "best")
+            save_student(r.task, r.run_dir / "best")
             write_json(r.run_dir / "best.json", best)
     if is_dist():
         dist.barrier()

@@ -363,3 +363,59 @@ def load_student(cfg: FinetuneConfig) -> BLIP:
         model.set_image_size(m.image_size)
     model.set_grad_checkpointing(m.grad_checkpointing)
     return model
+
+
+# ------------------------------------------------------------------------------ saved students
+KD_ADAPTERS_FILE = "kd_adapters.safetensors"  # beside a saved student; `dlip.load` ignores it
+
+
+def save_student(task: nn.Module, directory: str | Path) -> Path:
+    """The task's student as a dlip model (`dlip.models.io.save`), plus its trained KD
+    projectors in KD_ADAPTERS_FILE when it has any (the teacher's name in the metadata), so KD
+    during finetuning can start from them instead of at random."""
+    from safetensors.torch import save_file
+
+    from dlip.models.io import save
+
+    out = save(task.student, directory)
+    state = {k: v.detach().contiguous() for k, v in task.adapters.state_dict().items()}
+    target = out / KD_ADAPTERS_FILE
+    if state:
+        teacher = getattr(task, "teacher", None)
+        meta = {"teacher": teacher.config.name if teacher is not None else ""}
+        tmp = out / (KD_ADAPTERS_FILE + ".tmp")
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(target)
+    elif target.exists():
+        target.unlink()  # a stale file from an earlier save of this directory
+    return out
+
+
+def start_adapters(cfg: FinetuneConfig, student: BLIP, teacher: BLIP | None) -> KDAdapters:
+    """A finetuning run's KD projectors: built for `teacher`, then restored from the student
+    checkpoint's saved ones where terms and shapes match (printed)."""
+    adapters = build_adapters(cfg, student.config, teacher)
+    if teacher is not None and cfg.model.checkpoint:
+        restored = restore_adapters(adapters, cfg.model.checkpoint)
+        if restored:
+            print(f"KD projectors restored from {cfg.model.checkpoint}: {', '.join(restored)}")
+    return adapters
+
+
+def restore_adapters(adapters: KDAdapters, directory: str | Path) -> list[str]:
+    """Load the projectors saved beside a student (`save_student`) into `adapters` where the
+    term and every shape match; returns the restored terms (the others stay as built)."""
+    from dlip.fileio import load_safetensors
+
+    path = Path(directory) / KD_ADAPTERS_FILE
+    if not path.is_file():
+        return []
+    saved = load_safetensors(path)
+    restored = []
+    for term, module in adapters.items():
+        own = module.state_dict()
+        theirs = {k: saved.get(f"{term}.{k}") for k in own}
+        if own and all(v is not None and v.shape == own[k].shape for k, v in theirs.items()):
+            module.load_state_dict(theirs, strict=True)
+            restored.append(term)
+    return restored

@@ -30,7 +30,7 @@ from dlip.losses.distill import KDInputs, KDMasks, distill_losses, lm_kd_mask, t
 from dlip.losses.vqa import vqa_loss
 from dlip.models.blip import BLIP
 from dlip.train.config import FinetuneConfig
-from dlip.train.task import build_adapters, load_student, teacher_view, weighted_by_tokens
+from dlip.train.task import load_student, start_adapters, teacher_view, weighted_by_tokens
 
 # KD terms that read the unimodal text pass or the ITC / ITM heads: none exists in VQA.
 FOREIGN_TERMS = terms_of("text") | {"kd_itm"}
@@ -134,7 +134,7 @@ def build_vqa_task(cfg: FinetuneConfig, teacher: BLIP | None = None) -> VQATask:
     if teacher is not None and wrong:
         raise ValueError(f"KD terms {wrong} do not belong to vqa finetuning; set them to 0")
     student = load_student(cfg)
-    return VQATask(cfg, student, teacher, build_adapters(cfg, student.config, teacher))
+    return VQATask(cfg, student, teacher, start_adapters(cfg, student, teacher))
 
 
 # ------------------------------------------------------------------------------------ the data
