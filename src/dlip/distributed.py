@@ -181,3 +181,13 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_lists(items: list[Any]) -> list[Any] | None:
+    """Every rank's `items` concatenated in rank order on rank 0 (pickled), None on the other
+    ranks; `items` itself in one process."""
+    if not is_dist():
+        return items
+    parts: list[Any] | None = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(items, parts, dst=0)
+    return None if parts is None else [x for part in parts for x in part]

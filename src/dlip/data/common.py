@@ -392,3 +392,14 @@ def repeated_positions(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_headers(paths: Iterable[str | Path], key: str) -> None:
+    """Open every image's header, not its pixels: a missing, unreadable or non-image file is a
+    ValueError naming `key` (e.g. "data.val") and the file."""
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, Image.DecompressionBombError) as err:
+            raise ValueError(f"{key}: image {path} cannot be read: {err}") from None

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dlip.data.karpathy import EvalSet
 from dlip.models.blip import BLIP
@@ -263,19 +262,6 @@ def _local_captions(
     return pairs
 
 
-def _gather_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
-    """Every rank's pairs on rank 0 in rank order (None elsewhere); `pairs` in one process."""
-    from dlip.distributed import get_rank, get_world_size, is_dist
-
-    if not is_dist():
-        return pairs
-    gathered: list[Any] | None = [None] * get_world_size() if get_rank() == 0 else None
-    dist.gather_object(pairs, gathered, dst=0)
-    if gathered is None:
-        return None
-    return [pair for part in gathered for pair in part]
-
-
 def merge_captions(pairs: list[tuple[str, str]], image_ids: Sequence[str]) -> dict[str, str]:
     """{image_id: caption} in eval-set order: duplicates (padded shards) dropped, and every
     image must have exactly one caption."""
@@ -291,17 +277,6 @@ def merge_captions(pairs: list[tuple[str, str]], image_ids: Sequence[str]) -> di
             f"caption (e.g. {missing[:3]}), {len(extra)} unknown id(s) (e.g. {extra[:3]})"
         )
     return {i: captions[i] for i in wanted}
-
-
-def _share(value: Any) -> Any:
-    """Rank 0's `value` on every rank (identity in one process)."""
-    from dlip.distributed import is_dist
-
-    if not is_dist():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def evaluate_captions(
@@ -325,7 +300,7 @@ def evaluate_captions(
     {image_id: caption} is filled on rank 0 only ({} elsewhere). Every rank must call it.
     `beam_scoring`: "blip" (BLIP's published numbers) or "hf" (dlip.models.generation).
     """
-    from dlip.distributed import get_rank
+    from dlip.distributed import broadcast_object, gather_lists, get_rank
 
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # generation needs BLIP's methods, not DDP's forward
@@ -340,7 +315,7 @@ def evaluate_captions(
         pairs = _local_captions(model, eval_set, gen, batch_size, device, num_workers)
     finally:
         model.train(was_training)
-    gathered = _gather_pairs(pairs)
+    gathered = gather_lists(pairs)
     gen_seconds = time.perf_counter() - start
     outcome: dict[str, Any] = {}
     failure: Exception | None = None
@@ -352,7 +327,7 @@ def evaluate_captions(
             outcome = {"metrics": metrics, "spice": spice_record}
         except (ValueError, RuntimeError, FileNotFoundError) as err:
             failure, outcome = err, {"error": f"{type(err).__name__}: {err}"}
-    shared = _share(outcome)  # also carries a rank-0 failure, so no rank waits forever
+    shared = broadcast_object(outcome)  # also carries a rank-0 failure, so no rank waits forever
     if failure is not None:
         raise failure
     if "error" in shared:

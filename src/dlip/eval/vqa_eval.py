@@ -91,19 +91,6 @@ def _local_answers(
     return out
 
 
-def _gather(pairs: list[Any]) -> list[Any] | None:
-    """Every rank's pairs on rank 0 (None elsewhere); `pairs` in one process."""
-    import torch.distributed as dist
-
-    from dlip.distributed import get_rank, get_world_size, is_dist
-
-    if not is_dist():
-        return pairs
-    parts: list[Any] | None = [None] * get_world_size() if get_rank() == 0 else None
-    dist.gather_object(pairs, parts, dst=0)
-    return None if parts is None else [p for part in parts for p in part]
-
-
 def evaluate_vqa(
     model: BLIP,
     rows: Sequence[dict[str, Any]],
@@ -123,7 +110,7 @@ def evaluate_vqa(
     Returns {"metrics", "predictions", "seconds"}: `metrics` (`vqa_accuracy`'s: overall %,
     per answer type; {} without answers) reaches every rank; `predictions` {question_id:
     answer} is filled on rank 0 only. Every rank must call it."""
-    from dlip.distributed import broadcast_object, get_rank
+    from dlip.distributed import broadcast_object, gather_lists, get_rank
     from dlip.eval.vqa import vqa_accuracy
 
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -137,7 +124,7 @@ def evaluate_vqa(
                num_beams=num_beams, max_length=max_length, min_length=min_length,
                beam_scoring=beam_scoring)  # fmt: skip
     start = time.perf_counter()
-    pairs = _gather(_local_answers(model, rows, gen, batch_size, device, num_workers))
+    pairs = gather_lists(_local_answers(model, rows, gen, batch_size, device, num_workers))
     outcome: dict[str, Any] = {"metrics": {}}
     predictions: dict[Any, str] = {}
     if get_rank() == 0:

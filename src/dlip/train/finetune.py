@@ -122,16 +122,11 @@ def check_eval_splits(cfg: FinetuneConfig, test: bool = True) -> None:
     run at its first validation, after an epoch of training. (A file truncated past its header
     is found only when it is decoded, at validation: decoding every image here would cost a
     COCO run minutes at each start.)"""
-    from PIL import Image
+    from dlip.data.common import check_headers
 
     for split in ("val", "test") if test else ("val",):
         eval_set = load_split(cfg, split)  # a missing image file: FileNotFoundError
-        for path in [] if eval_set is None else eval_set.images:
-            try:
-                with Image.open(path):
-                    pass
-            except (OSError, Image.DecompressionBombError) as err:
-                raise ValueError(f"data.{split}: image {path} cannot be read: {err}") from None
+        check_headers([] if eval_set is None else eval_set.images, f"data.{split}")
 
 
 def validate_fn(cfg: FinetuneConfig):

@@ -201,20 +201,14 @@ def load_questions(cfg: FinetuneConfig, split: str) -> list[dict[str, Any]] | No
 def check_vqa_splits(cfg: FinetuneConfig, test: bool = True) -> None:
     """Read data.val (and data.test), the answer list, and open every image's header before
     step 1 (as the other tasks' `check_eval_splits`)."""
-    from PIL import Image
-
+    from dlip.data.common import check_headers
     from dlip.eval.vqa_eval import read_answer_list
 
     if cfg.data.answers_file():
         read_answer_list(cfg.data.answers_file())
     for split in ("val", "test") if test else ("val",):
         rows = load_questions(cfg, split) or []
-        for path in sorted({r["image"] for r in rows}):
-            try:
-                with Image.open(path):
-                    pass
-            except (OSError, Image.DecompressionBombError) as err:
-                raise ValueError(f"data.{split}: image {path} cannot be read: {err}") from None
+        check_headers(sorted({r["image"] for r in rows}), f"data.{split}")
 
 
 def validate_vqa_fn(cfg: FinetuneConfig):
