@@ -74,7 +74,10 @@ def held_out_losses(model_dir: Path, synth: Path, batch_size: int = 32) -> dict[
             itm = itm_loss(
                 model.itm_logits, image.tokens, ids, mask, itc.sim_i2t, itc.sim_t2i, generator=gen
             )
-            lm = lm_loss(model.lm_logits, image.tokens, ids, mask)
+            lm = lm_loss(
+                lambda im, i, m: model.decode(im, i, m).tokens, model.text_decoder.cls,
+                image.tokens, ids, mask,
+            )  # fmt: skip
             for name, out in (("loss_itc", itc), ("loss_itm", itm), ("loss_lm", lm)):
                 sums[name] += float(out.loss)
             batches += 1

@@ -228,6 +228,20 @@ def train_throughput(record: dict) -> str:
     return table(header, rows)
 
 
+def lm_head_step(record: dict) -> str:
+    labels = list(record["trees"])
+    header = ["configuration", *(f"{t} s/step" for t in labels), "speed-up"]
+    rows = [
+        [
+            c["config"],
+            *(f"{c[f'{t}_s_per_step']:.3f}" for t in labels),
+            f"{c['speedup_x']:.2f}x" if "speedup_x" in c else "-",
+        ]
+        for c in record["configurations"]
+    ]
+    return table(header, rows)
+
+
 def hf_speed(record: dict) -> str:
     header = ["task", "batch", "warmup", "repeats", "dlip ms", "transformers ms"]
     header += ["dlip / transformers", "parity"]
@@ -394,6 +408,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "eval_itm": ("eval_retrieval_cpu.json", eval_itm),
     "eval_caption": ("eval_caption_cpu.json", eval_caption),
     "train_throughput": ("train_throughput_cpu.json", train_throughput),
+    "lm_head_step": ("lm_head_step_cpu.json", lm_head_step),
     "hf_speed": ("hf_speed_cpu.json", hf_speed),
     "kd_experiment": ("kd_experiment.json", kd_experiment),
     "gpu_check": ("gpu_check.json", gpu_check),

@@ -74,10 +74,11 @@ def test_caption_task_trains_lm_only_with_the_prompt_masked(synth, tmp_path):
     assert set(terms) == {"loss_lm"}
     s = task.student
     image = s.encode_image(batch["image"]).tokens
-    args = (s.lm_logits, image, batch["input_ids"], batch["attention_mask"])
+    decode = lambda im, i, m: s.decode(im, i, m).tokens  # noqa: E731
+    args = (decode, s.text_decoder.cls, image, batch["input_ids"], batch["attention_mask"])
     masked = lm_loss(*args, prompt_length=4).loss
     unmasked = lm_loss(*args, prompt_length=0).loss
-    assert float(terms["loss_lm"].detach()) == pytest.approx(float(masked), rel=1e-6)
+    assert float(terms["loss_lm"].detach()) == pytest.approx(float(masked.detach()), rel=1e-6)
     assert abs(float(masked) - float(unmasked)) > 1e-4  # the prompt's tokens were not counted
 
 

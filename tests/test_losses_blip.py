@@ -531,18 +531,26 @@ def test_lm_loss_with_tiny_model(tiny):
 
     def spy(im, i, m):
         seen.append(i)
-        return tiny.lm_logits(im, i, m)
+        return tiny.decode(im, i, m).tokens
 
-    out = lm_loss(spy, image.tokens, ids, mask, prompt_length=4)
+    rows = []
+
+    def head(states):
+        rows.append(states.shape[0])
+        return tiny.text_decoder.cls(states)
+
+    out = lm_loss(spy, head, image.tokens, ids, mask, prompt_length=4)
     assert (seen[0][:, 0] == DEC).all() and seen[0][:, 1:].tolist() == ids[:, 1:].tolist()
-    assert out.logits.shape == (2, 5, tiny.config.text.vocab_size)
+    assert rows == [3]  # the 30k-way head ran at the 3 counted positions only, not all 10
+    assert out.logits.shape == (3, tiny.config.text.vocab_size)
     assert out.mask.tolist() == [
         [False, False, False, True, True],
         [False, False, False, True, False],
     ]
-    # same value from the full logits by torch's own CE on the 3 counted tokens
+    # same logits and value as the full head by torch's own CE on the 3 counted tokens
     full = tiny.lm_logits(image.tokens, seen[0], mask).detach()
     picked = torch.stack([full[0, 3], full[0, 4], full[1, 3]])
+    torch.testing.assert_close(out.logits.detach(), picked, atol=1e-5, rtol=1e-5)
     ref = F.cross_entropy(picked, torch.tensor([3899, 102, 102]), label_smoothing=0.1)
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert out.terms.keys() == {"loss_lm"}

@@ -317,6 +317,12 @@ def test_lm_kd_hand_computed_and_masked():
     assert lm_kd(s, te, torch.zeros_like(mask)).item() == 0.0
     with pytest.raises(ValueError, match="equal vocabularies"):
         lm_kd(s, te[..., :2], mask)
+    # Logits gathered at the counted positions (as the tasks now run the head) give the same
+    # value; a gathered row count that disagrees with the mask is refused.
+    for temp in (1.0, 3.0):
+        torch.testing.assert_close(lm_kd(s[mask], te[mask], mask, temp), lm_kd(s, te, mask, temp))
+    with pytest.raises(ValueError, match="2 gathered logit rows for 1 counted"):
+        lm_kd(s[0, :2], te[0, :2], mask)
 
 
 # -------------------------------------------------------------------------- representations

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import dlip
 from dlip.config import ConfigError
+from dlip.losses.distill import lm_kd_mask
 from dlip.losses.vqa import vqa_loss
 from dlip.models import vqa
 from dlip.models.blip import BLIP
@@ -112,6 +113,14 @@ def test_loss_is_blips_weighted_sum_over_questions(model, tok, pixels):
     assert out.per_answer.shape == (4,) and set(out.terms) == {"loss_vqa"}
     with pytest.raises(ValueError, match="weights"):
         vqa_loss(logits, ids, amask, torch.ones(3), 2)
+    # The head run at the counted positions only (how train.vqa calls it): same loss.
+    keep = lm_kd_mask(amask)  # (A, Ta)
+    assert keep.sum() < keep.numel()  # padding and the last position are left out
+    packed = vqa_loss(logits[keep], ids, amask, torch.tensor(weights), num_questions=2)
+    assert packed.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    torch.testing.assert_close(packed.per_answer, out.per_answer)
+    with pytest.raises(ValueError, match="logit rows"):
+        vqa_loss(logits[keep][1:], ids, amask, torch.tensor(weights), num_questions=2)
 
 
 # -------------------------------------------------------------------------------- rank mode

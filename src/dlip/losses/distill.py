@@ -108,7 +108,8 @@ class KDInputs:
       on the same rows for both models ([ENC] first; positives and negatives as chosen)
     - decoder: `decode(image.tokens, dec_ids, mask, taps=adapters.taps("decoder", side))`
     - itc: features and temperature; itm_logits (N, 2) of the same rows for both models;
-      lm_logits (B, T, V) = the decoder's LM head on `decoder.tokens`.
+      lm_logits (N, V) = the decoder's LM head on `decoder.tokens` at the positions
+      `KDMasks.lm` marks (row-major), the only ones LM KD reads.
     """
 
     image: ImageOutput | None = None
@@ -187,19 +188,24 @@ def itm_kd(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor
 def lm_kd(
     student: Tensor, teacher: Tensor, mask: Tensor | None = None, temperature: float = 1.0
 ) -> Tensor:
-    """(B, T, V) next-token logits -> T^2 * mean over counted positions (`mask`, see
-    `lm_kd_mask`) of KL between the softened teacher and student distributions."""
+    """Next-token logits -> T^2 * mean over counted positions of KL between the softened
+    teacher and student distributions. Logits are (B, T, V) with `mask` (B, T) marking the
+    counted positions (see `lm_kd_mask`), or already gathered there: (N, V), `mask` then only
+    checks the count."""
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(
             f"kd_lm needs equal vocabularies: student {student.shape[-1]}, "
             f"teacher {teacher.shape[-1]}"
         )
     _same_shape("kd_lm", student, teacher)
-    if mask is None:
-        s, t = student.flatten(0, -2), teacher.flatten(0, -2)
-    else:
+    s, t = student.flatten(0, -2), teacher.flatten(0, -2)  # (N, V)
+    if mask is not None and student.dim() == mask.dim() + 1:
         keep = mask.bool()
         s, t = student[keep], teacher[keep]  # (N, V): only counted positions reach float32
+    elif mask is not None and s.shape[0] != int(mask.sum()):
+        raise ValueError(
+            f"kd_lm: {s.shape[0]} gathered logit rows for {int(mask.sum())} counted positions"
+        )
     if s.shape[0] == 0:
         return student.sum() * 0.0
     return kl_logits(s, t, temperature).mean() * temperature**2

@@ -2,6 +2,10 @@
 
 Position t of the decoder predicts token t+1, so targets are the ids shifted left by one; pads
 and prompt tokens are ignored (-100), and the loss is the mean over the tokens that count.
+
+The LM head (a 30,524-way projection) runs only at the positions that count: the decoder's
+states are gathered there first. At caption lengths most positions are padding or prompt, and
+the head, its softmax and their gradients dominate a small model's step (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from torch import Tensor
 from dlip.losses.itm import with_first_token
 from dlip.tokenizer import Tokenizer
 
-LmFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (image_tokens, ids, mask) -> (B, T, V)
+DecodeFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (image_tokens, ids, mask) -> (B, T, D)
+HeadFn = Callable[[Tensor], Tensor]  # (N, D) decoder states -> (N, V) next-token logits
 
 IGNORE = -100  # torch's default ignore_index
 
@@ -23,9 +28,9 @@ IGNORE = -100  # torch's default ignore_index
 @dataclass
 class LMOutput:
     loss: Tensor  # scalar, mean over counted tokens
-    logits: Tensor  # (B, T-1, V) predictions for positions 1..T-1 (last position dropped)
+    logits: Tensor  # (N, V) at the counted positions only, in row-major order of `mask`
     targets: Tensor  # (B, T-1) next-token ids, IGNORE where not counted
-    mask: Tensor  # (B, T-1) bool, True = counted (for LM KD on the same tokens)
+    mask: Tensor  # (B, T-1) bool, True = counted (LM KD gathers the teacher's states here)
 
     @property
     def terms(self) -> dict[str, Tensor]:
@@ -71,7 +76,8 @@ def token_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float 
 
 
 def lm_loss(
-    lm_fn: LmFn,  # e.g. model.lm_logits
+    decode_fn: DecodeFn,  # e.g. lambda img, i, m: model.decode(img, i, m).tokens
+    head: HeadFn,  # e.g. model.text_decoder.cls
     image_tokens: Tensor,  # (B, N, Dv) vision tokens
     input_ids: Tensor,  # (B, T) tokenized text ([CLS] first; replaced by [DEC] here)
     attention_mask: Tensor,  # (B, T) 1 = token, 0 = pad
@@ -81,9 +87,12 @@ def lm_loss(
     pad_id: int | None = Tokenizer.pad_token_id,
     label_smoothing: float = 0.1,  # BLIP's
 ) -> LMOutput:
-    """BLIP LM: decode [DEC]-first ids with causal self-attention and cross-attention."""
+    """BLIP LM: decode [DEC]-first ids with causal self-attention and cross-attention, then the
+    head at the counted positions only (equal to the full head's logits there)."""
     ids = with_first_token(input_ids, dec_token_id)
-    logits = lm_fn(image_tokens, ids, attention_mask)[:, :-1]  # (B, T-1, V)
+    states = decode_fn(image_tokens, ids, attention_mask)[:, :-1]  # (B, T-1, D)
     targets = lm_targets(input_ids, attention_mask, prompt_length, pad_id)
-    loss = token_cross_entropy(logits, targets, label_smoothing)
-    return LMOutput(loss, logits, targets, targets != IGNORE)
+    mask = targets != IGNORE  # (B, T-1)
+    logits = head(states[mask])  # (N, V)
+    loss = token_cross_entropy(logits[None], targets[mask][None], label_smoothing)
+    return LMOutput(loss, logits, targets, mask)

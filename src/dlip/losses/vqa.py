@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor
 
-from dlip.models.vqa import answer_targets, answer_token_loss
+from dlip.models.vqa import IGNORE, answer_targets
 
 
 @dataclass
 class VQALossOutput:
     loss: Tensor  # scalar
-    logits: Tensor  # (A, Ta-1, V) predictions of answer tokens 1..Ta-1
+    logits: Tensor  # (N, V) predictions of the counted answer tokens (row-major)
     targets: Tensor  # (A, Ta-1) next-token ids, -100 where not counted
     per_answer: Tensor  # (A,) summed smoothed token CE, before the weights
 
@@ -29,20 +30,32 @@ class VQALossOutput:
 
 
 def vqa_loss(
-    logits: Tensor,  # (A, Ta, V) from the answer decoder over `answer_ids`
+    logits: Tensor,  # (A, Ta, V) over `answer_ids`, or (N, V) at the counted positions only
     answer_ids: Tensor,  # (A, Ta) [DEC] answer [SEP] + padding
     answer_mask: Tensor,  # (A, Ta)
     weights: Tensor,  # (A,)
     num_questions: int,
     label_smoothing: float = 0.1,
 ) -> VQALossOutput:
-    """sum_a weight_a * CE_a / num_questions (BLIP's)."""
+    """sum_a weight_a * CE_a / num_questions (BLIP's).
+
+    The counted positions (position t predicts answer token t+1; padding not counted) are
+    those of `distill.lm_kd_mask(answer_mask)`; gathering the decoder's states there before
+    the head (as `train.vqa` does) gives the same loss at a fraction of the head's cost."""
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
     if weights.shape != answer_ids.shape[:1]:
         raise ValueError(f"weights {tuple(weights.shape)} for {answer_ids.shape[0]} answers")
-    logits = logits[:, :-1]  # position t predicts token t+1
-    targets = answer_targets(answer_ids, answer_mask)
-    per_answer = answer_token_loss(logits, targets, label_smoothing)  # (A,)
+    targets = answer_targets(answer_ids, answer_mask)  # (A, Ta-1)
+    keep = targets != IGNORE
+    if logits.dim() == 3:
+        logits = logits[:, :-1][keep]  # (N, V)
+    if logits.shape[0] != int(keep.sum()):
+        raise ValueError(f"{logits.shape[0]} logit rows for {int(keep.sum())} answer tokens")
+    per_token = F.cross_entropy(
+        logits.float(), targets[keep], label_smoothing=label_smoothing, reduction="none"
+    )  # (N,)
+    rows = keep.nonzero()[:, 0]  # (N,) the answer of each counted token
+    per_answer = per_token.new_zeros(answer_ids.shape[0]).index_add(0, rows, per_token)  # (A,)
     loss = (weights.float() * per_answer).sum() / num_questions
     return VQALossOutput(loss, logits, targets, per_answer)

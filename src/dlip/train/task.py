@@ -135,14 +135,19 @@ class PretrainTask(nn.Module):
             terms.update(terms_c)
         if self.use_lm:
 
-            def lm_fn(img: Tensor, dec_ids: Tensor, dec_mask: Tensor) -> Tensor:
-                out = s.decode(img, dec_ids, dec_mask, taps=a.taps("decoder", "student"))
-                seen["decoder"], seen["lm_logits"] = out, s.text_decoder.cls(out.tokens)
-                return seen["lm_logits"]  # (B, T, V)
+            def decode_fn(img: Tensor, dec_ids: Tensor, dec_mask: Tensor) -> Tensor:
+                seen["decoder"] = s.decode(
+                    img, dec_ids, dec_mask, taps=a.taps("decoder", "student")
+                )
+                return seen["decoder"].tokens  # (B, T, D)
 
-            lm = lm_loss(lm_fn, image.tokens, ids, mask, prompt_length=self.prompt_length)
+            lm = lm_loss(
+                decode_fn, s.text_decoder.cls, image.tokens, ids, mask,
+                prompt_length=self.prompt_length,
+            )  # fmt: skip
             terms["loss_lm"], token_masks["loss_lm"] = lm.loss, lm.mask
-            student.decoder, student.lm_logits = seen["decoder"], seen["lm_logits"]
+            student.decoder, student.lm_logits = seen["decoder"], lm.logits  # logits (N, V)
+            seen["lm_mask"] = F.pad(lm.mask, (0, 1))  # (B, T) over logit positions
         if self.teacher is not None and self.kd.enabled:
             kd, kd_masks = self._distill(pixels, ids, mask, itm, student, seen)
             terms.update(kd)
@@ -161,8 +166,9 @@ class PretrainTask(nn.Module):
         """The enabled KD terms against the teacher's passes on the same batch, and the token
         masks of those that are token means (`distill.token_mask`)."""
         neg = (itm.neg_image_idx, itm.neg_text_idx) if itm is not None else (None, None)
-        teacher = self._teacher_inputs(pixels, ids, mask, *neg)
-        lm_mask = lm_kd_mask(mask, self.prompt_length)
+        # The positions the student's LM head ran at (the same rule when it did not run).
+        lm_mask = seen.get("lm_mask", lm_kd_mask(mask, self.prompt_length))  # (B, T)
+        teacher = self._teacher_inputs(pixels, ids, mask, lm_mask, *neg)
         masks = KDMasks(text=mask, fusion=seen.get("fusion_mask"), decoder=mask, lm=lm_mask)
         kd = distill_losses(student, teacher, self.adapters, self.kd, masks)
         counted = {term: token_mask(term, masks) for term in kd}
@@ -213,7 +219,13 @@ class PretrainTask(nn.Module):
 
     @torch.no_grad()
     def _teacher_inputs(
-        self, pixels: Tensor, ids: Tensor, mask: Tensor, neg_image: Tensor, neg_text: Tensor
+        self,
+        pixels: Tensor,
+        ids: Tensor,
+        mask: Tensor,
+        lm_mask: Tensor,  # (B, T) the positions the LM head runs at
+        neg_image: Tensor,
+        neg_text: Tensor,
     ) -> KDInputs:
         """The teacher's passes on the same batch, with the taps the adapters ask for; the
         fusion pass scores the student's sampled ITM pairs (positives, then negatives)."""
@@ -237,7 +249,7 @@ class PretrainTask(nn.Module):
             out.decoder = t.decode(
                 out.image.tokens, dec_ids, mask, taps=a.taps("decoder", "teacher")
             )
-            out.lm_logits = t.text_decoder.cls(out.decoder.tokens)
+            out.lm_logits = t.text_decoder.cls(out.decoder.tokens[lm_mask])  # (N, V)
         return out
 
 

@@ -108,7 +108,8 @@ class VQATask(nn.Module):
             states, batch["answer_ids"], batch["answer_mask"], taps=a.taps("decoder", side),
             source_mask=q_mask.repeat_interleave(n, dim=0),
         )  # fmt: skip
-        logits = model.text_decoder.cls(decoder.tokens)  # (A, Ta, V)
+        keep = lm_kd_mask(batch["answer_mask"])  # (A, Ta) positions that predict a token
+        logits = model.text_decoder.cls(decoder.tokens[keep])  # (N, V)
         return KDInputs(image=image, fusion=question, decoder=decoder, lm_logits=logits)
 
     def forward(self, batch: Mapping[str, Tensor], alpha: float = 0.0) -> dict[str, Tensor]:
