@@ -79,7 +79,7 @@ def test_caption_task_trains_lm_only_with_the_prompt_masked(synth, tmp_path):
     masked = lm_loss(*args, prompt_length=4).loss
     unmasked = lm_loss(*args, prompt_length=0).loss
     assert float(terms["loss_lm"].detach()) == pytest.approx(float(masked.detach()), rel=1e-6)
-    assert abs(float(masked) - float(unmasked)) > 1e-4  # the prompt's tokens were not counted
+    assert abs(masked.item() - unmasked.item()) > 1e-4  # the prompt's tokens were not counted
 
 
 def test_retrieval_task_counts_captions_of_one_image_as_positives(synth, tmp_path):

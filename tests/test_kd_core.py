@@ -45,9 +45,10 @@ def _batch(cfg, task):
 @torch.no_grad()
 def test_an_identical_teacher_gives_every_kd_term_zero(synth, tmp_path):
     """The student copies the teacher exactly (model.init=inherit, same architecture): every
-    one of the 17 KD terms, through the real task forward (image, text, fusion with the
-    student's ITM pairs, decoder), is ~0. A term reading the wrong layer, tokens, pairs or
-    mask would not be."""
+    KD term that is a distance (all but kd_icl), through the real task forward (image, text,
+    fusion with the student's ITM pairs, decoder), is ~0. A term reading the wrong layer,
+    tokens, pairs or mask would not be. kd_icl (CLIP-KD's contrastive term) is a cross-entropy:
+    against identical keys it equals the student's own in-batch ITC loss."""
     torch.manual_seed(3)
     teacher_dir = dlip.save(dlip.create_model("test_tiny"), tmp_path / "teacher")
     weights = {f"loss.kd.weights.{t}": 1.0 for t in KD_TERMS}
@@ -58,6 +59,7 @@ def test_an_identical_teacher_gives_every_kd_term_zero(synth, tmp_path):
     terms = task(_batch(cfg, task))
     kd = {k: float(v) for k, v in terms.items() if k.startswith("kd_")}
     assert set(kd) == set(KD_TERMS)
+    assert kd.pop("kd_icl") == pytest.approx(float(terms["loss_itc"]), rel=1e-5)
     assert all(abs(v) < 1e-6 for v in kd.values()), kd
     assert all(float(terms[k]) > 0 for k in ("loss_itc", "loss_itm", "loss_lm"))
 

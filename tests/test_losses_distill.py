@@ -14,6 +14,7 @@ from torch import nn
 
 import dlip
 from dlip.losses.adapters import LayerMap, resample_patches, stream_layers
+from dlip.losses.clipkd import TeacherKeys
 from dlip.losses.distill import (
     KD_TERMS,
     ITCFeatures,
@@ -33,6 +34,7 @@ from dlip.losses.distill import (
     patch_kd,
     rep_kd,
 )
+from dlip.losses.itc import itc_loss
 from dlip.models.outputs import ImageOutput, TextOutput
 
 CLS_ID, DEC_ID, ENC_ID = 101, 30522, 30523
@@ -498,6 +500,7 @@ def forward(model, adapters, side, pixels, ids, mask) -> KDInputs:
         itc=ITCFeatures(image.feat, text.feat, model.temp),
         itm_logits=model.itm_head(fusion.tokens[:, 0]),
         lm_logits=model.text_decoder.cls(decoder.tokens),
+        keys=TeacherKeys(image.feat, text.feat) if side == "teacher" else None,  # kd_icl
     )
 
 
@@ -538,6 +541,9 @@ def test_identical_student_and_teacher_give_zero():
         b = forward(model, adapters, "teacher", pixels, ids, mask)
     losses = distill_losses(a, b, adapters, ALL_ON, masks_for(ids, mask))
     assert set(losses) == set(KD_TERMS)
+    # kd_icl is a cross-entropy: against identical keys, the model's own in-batch ITC loss
+    itc = itc_loss(a.itc.image, a.itc.text, model.temp).loss
+    assert losses.pop("kd_icl").item() == pytest.approx(itc.item(), rel=1e-5)
     for term, value in losses.items():
         assert abs(value.item()) < 1e-5, term
 

@@ -38,7 +38,9 @@ class KDTerm:
     """What a KD term compares: the pass (stream) whose outputs it reads, and which outputs."""
 
     stream: str  # "image" | "text" | "fusion" | "decoder": the teacher pass it needs
-    kind: str  # "logits" | "rep" (pooled features) | "hidden" (tapped layers) | "attn" (maps)
+    # "logits" | "rep" (pooled features) | "hidden" (tapped layers) | "attn" (maps) |
+    # "embed" (the ITC embeddings against the teacher's: dlip.losses.clipkd)
+    kind: str
 
 
 # THE table of distillation terms, in their canonical order. Everything that needs to know
@@ -63,6 +65,8 @@ KD_TERMS: dict[str, KDTerm] = {
     "kd_attn_fusion": KDTerm("fusion", "attn"),
     "kd_attn_cross": KDTerm("fusion", "attn"),  # the fusion layers' cross-attention maps
     "kd_attn_decoder": KDTerm("decoder", "attn"),
+    "kd_feat": KDTerm("text", "embed"),  # CLIP-KD's feature distillation (FD)
+    "kd_icl": KDTerm("text", "embed"),  # CLIP-KD's interactive contrastive learning (ICL)
 }
 
 
@@ -96,6 +100,9 @@ class KDConfig:
     # [student, teacher] pairs; a stream not listed follows model.init=inherit's layer rule.
     layer_maps: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     eps: float = 1e-8  # clamp of student attention probabilities before the log
+    # kd_icl: a queue of this many earlier teacher ITC embeddings as extra keys (0 = the batch
+    # only). The teacher is frozen, so queued keys never go stale (unlike BLIP's momentum queue).
+    teacher_queue: int = 0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.weights) - set(KD_TERMS))
@@ -104,6 +111,10 @@ class KDConfig:
         for term, w in self.weights.items():
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
                 raise ValueError(f"KD weight {term}={w!r} must be a finite number >= 0")
+        if isinstance(self.teacher_queue, bool) or not isinstance(self.teacher_queue, int):
+            raise ValueError(f"KD teacher_queue={self.teacher_queue!r} must be an int >= 0")
+        if self.teacher_queue < 0:
+            raise ValueError(f"KD teacher_queue={self.teacher_queue} must be >= 0")
         for name in ("itm_temperature", "lm_temperature", "eps"):
             _check_positive(name, getattr(self, name))
         if self.itc_temperature is not None:
@@ -137,6 +148,8 @@ def _check_positive(name: str, value: Any) -> None:
 
 # Projected terms -> the stream whose width they project ("image": vision width, else text width).
 PROJECTED_TERMS = {t: k.stream for t, k in KD_TERMS.items() if k.kind in ("rep", "hidden")}
+# Terms on the ITC embeddings (projectors `embed_image` / `embed_text`).
+EMBED_TERMS = frozenset(t for t, k in KD_TERMS.items() if k.kind == "embed")
 # Terms that read tapped layers -> (stream, "hidden" | "attn").
 LAYER_TERMS = {t: (k.stream, k.kind) for t, k in KD_TERMS.items() if k.kind in ("hidden", "attn")}
 
@@ -299,6 +312,10 @@ class KDAdapters(nn.ModuleDict):
                 stream = PROJECTED_TERMS[term]
                 ds, dt = stream_width(student, stream), stream_width(teacher, stream)
                 projectors[term] = nn.Identity() if ds == dt else nn.Linear(ds, dt)
+        if set(enabled) & EMBED_TERMS:  # one pair shared by kd_feat and kd_icl (CLIP-KD)
+            ds, dt = student.embed_dim, teacher.embed_dim
+            for name in ("embed_image", "embed_text"):
+                projectors[name] = nn.Identity() if ds == dt else nn.Linear(ds, dt)
         maps: dict[str, LayerMap] = {}
         needs: dict[str, set[str]] = {}
         for term in enabled:
@@ -339,7 +356,7 @@ class KDAdapters(nn.ModuleDict):
 def _check_towers(enabled: Sequence[str], student: ModelConfig, teacher: ModelConfig) -> None:
     for term in enabled:
         stream = PROJECTED_TERMS.get(term) or LAYER_TERMS.get(term, (None,))[0]
-        if term in ("kd_itc", "kd_itm"):
+        if term in ("kd_itc", "kd_itm") or term in EMBED_TERMS:
             need = "has_itc"
         elif stream in ("text", "fusion"):
             need = "has_encoder"

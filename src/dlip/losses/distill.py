@@ -13,6 +13,7 @@ Terms (KL is always KL(teacher || student), the teacher's distribution as the ta
 - `kd_rep_*`: image CLS, patch tokens, unimodal text CLS, fusion `[ENC]` state, decoder states;
   1 - cosine or MSE through the learnable projectors of `KDAdapters` (never the ITC heads).
 - `kd_hidden_*`: hidden states of mapped layers (`LayerMap`), through one projector per stream.
+- `kd_feat`, `kd_icl`: CLIP-KD's feature mimicry and contrastive terms (`losses.clipkd`).
 - `kd_attn_*`: attention probability maps of mapped layers: vision self-attention (`image`),
   unimodal text self-attention (`text`), the image-grounded encoder's self-attention
   (`fusion`) and cross-attention (`cross`), the decoder's causal self-attention (`decoder`).
@@ -58,6 +59,7 @@ from dlip.losses.adapters import (
     LayerMap,
     resample_patches,
 )
+from dlip.losses.clipkd import EMBED_PROJECTORS, TeacherKeys, feature_kd, icl_kd
 from dlip.models.outputs import ImageOutput, TextOutput
 from dlip.precision import float32_math
 
@@ -119,6 +121,7 @@ class KDInputs:
     itc: ITCFeatures | None = None
     itm_logits: Tensor | None = None
     lm_logits: Tensor | None = None
+    keys: TeacherKeys | None = None  # teacher side, kd_icl: batch (+ queue) ITC embeddings
 
 
 @dataclass
@@ -364,6 +367,16 @@ def _lm(term, s, t, a, cfg, m) -> Tensor:
     return lm_kd(*_need(s, t, "lm_logits", term), m.lm, cfg.lm_temperature)
 
 
+def _embed(term, s, t, a, cfg, m) -> Tensor:
+    (s_itc, t_itc), proj = _need(s, t, "itc", term), EMBED_PROJECTORS
+    p_image, p_text = (a.projector(name) for name in proj)
+    if term == "kd_feat":
+        return feature_kd(s_itc.image, s_itc.text, t_itc.image, t_itc.text, p_image, p_text)
+    if t.keys is None:
+        raise ValueError(f"{term} needs the teacher's keys (KDInputs.keys)")
+    return icl_kd(s_itc.image, s_itc.text, t.keys, s_itc.temp, p_image, p_text)
+
+
 def _rep(term, s, t, a, cfg, m, stream: str) -> Tensor:
     s_out, t_out = _need(s, t, stream, term)
     proj = a.projector(term)
@@ -407,6 +420,8 @@ _TERMS: dict[str, TermFn] = {
     "kd_itc": _itc,
     "kd_itm": _itm,
     "kd_lm": _lm,
+    "kd_feat": _embed,
+    "kd_icl": _embed,
     "kd_rep_image": partial(_rep, stream="image"),
     "kd_rep_patch": partial(_rep, stream="image"),
     "kd_rep_text": partial(_rep, stream="text"),
@@ -428,7 +443,7 @@ def token_mask(term: str, masks: KDMasks) -> Tensor | None:
     if term == "kd_lm":
         return masks.lm
     kind = KD_TERMS[term]
-    if kind.stream == "image" or kind.kind == "logits":
+    if kind.stream == "image" or kind.kind in ("logits", "embed"):
         return None
     if kind.kind == "rep" and kind.stream != "decoder":  # one [CLS] / [ENC] per sample
         return None

@@ -142,6 +142,10 @@ class LossSection:
     # retrieval finetuning 1 (train_retrieval.py); FinetuneConfig's default is 1
     alpha_ramp_epochs: float = 2.0
     momentum: float = 0.995  # EMA of the momentum encoder
+    # ITC columns of the batch: False = the online features of every rank (gradient through
+    # rows and columns; dlip's default); True = the momentum features, exactly as BLIP
+    # (gradient through the rows only). Needs momentum_distill.
+    momentum_columns: bool = False
     kd: KDConfig = field(default_factory=KDConfig)  # distillation terms (no teacher: all 0)
 
     def __post_init__(self) -> None:
@@ -154,6 +158,8 @@ class LossSection:
         require(0 <= self.alpha_ramp_epochs < math.inf, "loss.alpha_ramp_epochs",
                 self.alpha_ramp_epochs, "a finite number >= 0")  # fmt: skip
         require(0 < self.momentum < 1, "loss.momentum", self.momentum, "in (0, 1)")
+        require(self.momentum_distill or not self.momentum_columns, "loss.momentum_columns",
+                self.momentum_columns, "false unless loss.momentum_distill is on")  # fmt: skip
 
     def kd_config(self) -> KDConfig:
         return self.kd

@@ -22,10 +22,13 @@ from torch import Tensor, nn
 from dlip.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
+    gather_sizes,
     get_world_size,
     is_dist,
+    rank_offset,
 )
 from dlip.losses.adapters import KDAdapters, KDConfig, terms_of
+from dlip.losses.clipkd import TeacherKeys
 from dlip.losses.distill import (
     ITCFeatures,
     KDInputs,
@@ -91,6 +94,7 @@ class PretrainTask(nn.Module):
         self.prompt_length = prompt_length
         self.itm_all_ranks = cfg.loss.itm_all_ranks
         self.momentum = cfg.loss.momentum
+        self.momentum_columns = cfg.loss.momentum_columns
         self.student = student
         self.adapters = adapters if adapters is not None else KDAdapters()
         self.student_m: BLIP | None = None
@@ -98,6 +102,9 @@ class PretrainTask(nn.Module):
         if cfg.loss.momentum_distill and self.use_itc:  # BLIP's momentum encoder: the student's
             self.student_m = copy.deepcopy(student).requires_grad_(False)
             self.queue = FeatureQueue(student.config.embed_dim, cfg.loss.queue_size)
+        self.teacher_queue: FeatureQueue | None = None  # kd_icl's earlier teacher embeddings
+        if teacher is not None and "kd_icl" in enabled and self.kd.teacher_queue > 0:
+            self.teacher_queue = FeatureQueue(teacher.config.embed_dim, self.kd.teacher_queue)
         # Not a submodule: out of parameters(), state_dict(), DDP and the optimizer.
         object.__setattr__(self, "teacher", teacher)
         if teacher is not None:
@@ -169,10 +176,30 @@ class PretrainTask(nn.Module):
         # The positions the student's LM head ran at (the same rule when it did not run).
         lm_mask = seen.get("lm_mask", lm_kd_mask(mask, self.prompt_length))  # (B, T)
         teacher = self._teacher_inputs(pixels, ids, mask, lm_mask, *neg)
+        image_idx = seen.get("image_idx")
+        if "kd_icl" in self.kd.enabled:
+            assert teacher.itc is not None
+            teacher.keys = self._teacher_keys(teacher.itc, image_idx)
         masks = KDMasks(text=mask, fusion=seen.get("fusion_mask"), decoder=mask, lm=lm_mask)
         kd = distill_losses(student, teacher, self.adapters, self.kd, masks)
+        if self.teacher_queue is not None:  # after the loss: a batch never keys itself twice
+            assert teacher.itc is not None
+            self.teacher_queue.enqueue(teacher.itc.image, teacher.itc.text, image_idx)
         counted = {term: token_mask(term, masks) for term in kd}
         return kd, {term: m for term, m in counted.items() if m is not None}
+
+    def _teacher_keys(self, itc: ITCFeatures, idx: Tensor | None) -> TeacherKeys:
+        """kd_icl's keys: the teacher's embeddings of the global batch, then its queue."""
+        sizes = gather_sizes(itc.image.shape[0], itc.image.device)
+        image = itc.image if itc.image_all is None else itc.image_all  # (G, Et)
+        text = itc.text if itc.text_all is None else itc.text_all
+        ids = None if idx is None else all_gather_no_grad(idx.reshape(-1).long(), sizes)
+        q = self.teacher_queue
+        if q is not None:  # (G + Q, Et); unfilled slots hold random unit vectors, as BLIP's
+            image = torch.cat([image, q.image_queue.T.to(image.dtype)])
+            text = torch.cat([text, q.text_queue.T.to(text.dtype)])
+            ids = None if ids is None else torch.cat([ids, q.idx_queue[0]])
+        return TeacherKeys(image, text, ids, offset=rank_offset(sizes), row_idx=idx)
 
     def _contrastive(
         self,
@@ -185,6 +212,7 @@ class PretrainTask(nn.Module):
         """ITC (+ momentum queue) and ITM with hard negatives; fills `student`'s text/fusion."""
         pixels, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
         image_idx = batch.get("image_idx")  # (B,) same image -> positives, never negatives
+        seen["image_idx"] = image_idx
         s, a = self.student, self.adapters
         text = s.encode_text(ids, mask, taps=a.taps("text", "student"))
         feat_m: dict[str, Tensor] = {}
@@ -194,7 +222,7 @@ class PretrainTask(nn.Module):
                 feat_m["text_feat_m"] = self.student_m.encode_text(ids, mask).feat
         itc = itc_loss(
             image.feat, text.feat, s.temp, queue=self.queue, alpha=alpha, image_idx=image_idx,
-            **feat_m,
+            momentum_columns=self.momentum_columns, **feat_m,
         )  # fmt: skip
         if self.queue is not None:  # after the loss: a batch never scores against itself
             self.queue.enqueue(feat_m["image_feat_m"], feat_m["text_feat_m"], image_idx)
