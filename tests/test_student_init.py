@@ -13,6 +13,7 @@ from dlip.config import ConfigError
 from dlip.models.config import ModelConfig
 from dlip.models.init import (
     apply_init,
+    head_channels,
     init_from_teacher,
     init_from_timm,
     spread,
@@ -202,6 +203,46 @@ def test_inherit_with_a_narrower_text_tower_copies_only_what_fits(capsys):
     assert report.params_copied + report.params_random == total and report.params_random > 0
 
 
+def test_inherit_pruned_cuts_whole_heads_and_leading_channels(capsys):
+    """model.init=inherit_pruned (TinyCLIP-style): a narrower student takes, in every tensor,
+    the teacher's leading channels of the residual / MLP dims and whole heads of attention
+    (the first 2 of 3 teacher heads, the leading 16 of 24 channels of each)."""
+    assert head_channels(2, 16, 3, 24).tolist() == [*range(16), *range(24, 40)]
+    assert head_channels(2, 32, 3, 24) is None  # student heads wider than the teacher's
+    torch.manual_seed(1)
+    wide = {"width": 72, "num_heads": 3, "depth": 3}
+    teacher = dlip.BLIP(
+        tiny(
+            vision=wide,
+            text={"hidden_size": 72, "num_heads": 3, "intermediate_size": 96, "num_layers": 3},
+        )
+    )
+    torch.manual_seed(2)
+    student = dlip.BLIP(tiny())  # width 32, 2 heads of 16, 2 layers in both towers
+    report = apply_init(student, "inherit_pruned", teacher)
+    assert "cut from wider teacher tensors" in capsys.readouterr().out
+    assert report.kept_random == {} and report.params_random == 0
+    s, t = student.state_dict(), teacher.state_dict()
+    heads = head_channels(2, 16, 3, 24)
+    q = "text_encoder.encoder.layer.{}.attention.self.query.weight"
+    assert torch.equal(s[q.format(1)], t[q.format(2)][heads][:, :32])  # layers 0, 1 <- 0, 2
+    o = "text_encoder.encoder.layer.0.crossattention.output.dense.weight"
+    assert torch.equal(s[o], t[o][:32][:, heads])
+    kv = "text_encoder.encoder.layer.0.crossattention.self.key.weight"  # reads image tokens
+    assert torch.equal(s[kv], t[kv][heads][:, :32])
+    qkv = "visual_encoder.blocks.0.attn.qkv.weight"
+    assert torch.equal(s[qkv], t[qkv][torch.cat([heads, heads + 72, heads + 144])][:, :32])
+    ffn = "text_encoder.encoder.layer.0.intermediate.dense.weight"
+    assert torch.equal(s[ffn], t[ffn][:64, :32])
+    emb = "text_encoder.embeddings.word_embeddings.weight"
+    assert torch.equal(s[emb], t[emb][:, :32])
+    assert torch.equal(s["visual_encoder.pos_embed"], t["visual_encoder.pos_embed"][..., :32])
+    # plain inherit copies none of these (shapes differ) and keeps them random
+    fresh = dlip.BLIP(tiny())
+    with pytest.raises(ValueError, match="no student weight matrix"):
+        init_from_teacher(fresh, teacher)
+
+
 def test_inherit_with_nothing_compatible_is_an_error():
     torch.manual_seed(1)
     teacher = dlip.BLIP(tiny(vision={"width": 64, "num_heads": 4}, text={"hidden_size": 64}))
@@ -256,3 +297,39 @@ def test_temp_init_sets_the_itc_temperature_of_the_student_and_its_momentum_copy
     assert task.student.temp.requires_grad  # still learned
     with pytest.raises(ConfigError, match=r"model\.temp_init"):
         load(None, [*args, "model.temp_init=0.9"])  # outside the loss's clamp
+
+
+def _mean_pairwise_cosine(x: torch.Tensor) -> float:
+    x = torch.nn.functional.normalize(x, dim=-1)
+    n = x.shape[0]
+    return float(((x @ x.T).sum() - n) / (n * n - n))
+
+
+def test_text_value_output_std_makes_cls_depend_on_the_words_at_init(tmp_path):
+    """BERT's N(0, 0.02) leaves a small from-scratch text tower's ITC feature almost the same
+    for every caption (the ITC plateau); redrawing the attention value / output maps with
+    model.text_value_output_std=0.1 makes the captions' features differ at step 0."""
+    from dlip.tokenizer import get_tokenizer
+
+    captions = ["a red circle left of a blue square", "a green star above a white cross",
+                "there is a big black diamond and, on its left, a small yellow disc",
+                "a photo of a purple triangle below an orange block"]  # fmt: skip
+    enc = get_tokenizer()(captions, max_length=30)
+    args = [f"run_dir={tmp_path / 'run'}", f"data.synth_dir={tmp_path}", "model.preset=test_tiny",
+            "model.arch.text.hidden_size=96", "model.arch.text.num_heads=4",
+            "model.arch.text.intermediate_size=192", "model.arch.text.num_layers=4"]  # fmt: skip
+    cos = {}
+    for std in (None, 0.1):
+        torch.manual_seed(0)
+        extra = [] if std is None else [f"model.text_value_output_std={std}"]
+        task = build_task(load(None, [*args, *extra]))
+        s = task.student.eval()
+        with torch.no_grad():
+            cos[std] = _mean_pairwise_cosine(s.encode_text(**enc).feat)
+        value = s.text_encoder.encoder.layer[3].crossattention.self.value.weight
+        query = s.text_encoder.encoder.layer[3].attention.self.query.weight
+        assert query.std().item() == pytest.approx(0.02, rel=0.1)  # untouched: BERT's
+        assert value.std().item() == pytest.approx(std or 0.02, rel=0.1)
+    assert cos[None] > 0.999 and cos[0.1] < 0.99, cos
+    with pytest.raises(ConfigError, match=r"model\.text_value_output_std"):
+        load(None, [*args, "model.text_value_output_std=0"])

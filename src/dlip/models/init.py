@@ -1,4 +1,5 @@
-"""Student initialisation for pretraining (`model.init`): random, inherit, or a timm ViT.
+"""Student initialisation for pretraining (`model.init`): random, inherit (optionally
+width-pruned), or a timm ViT.
 
 - `init_from_timm(student, path)`: a timm / DeiT ViT checkpoint file into the vision tower,
   strictly (every tower tensor provided, shapes equal); classifier heads are dropped and
@@ -54,6 +55,7 @@ class InitReport:
     kept_random: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)  # copied from a cut of a wider tensor
     params_copied: int = 0
     params_random: int = 0
     note: str = ""  # what the source does not cover (timm: everything but the vision tower)
@@ -70,6 +72,8 @@ class InitReport:
             counts = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
             names = _head(sorted(self.kept_random))
             text += f" ({len(self.kept_random)} tensors: {counts}): {names}"
+        if self.pruned:
+            text += f"; {len(self.pruned)} cut from wider teacher tensors: {_head(self.pruned)}"
         if self.resized:
             text += f"; resized {_head(self.resized)}"
         if self.ignored:
@@ -250,12 +254,16 @@ def _teacher_name(name: str, maps: Mapping[str, list[int]]) -> str:
 
 
 def init_from_teacher(
-    student: BLIP, teacher: BLIP, layer_map: Mapping[str, Sequence[int]] | None = None
+    student: BLIP,
+    teacher: BLIP,
+    layer_map: Mapping[str, Sequence[int]] | None = None,
+    prune: bool = False,
 ) -> InitReport:
     """Copy every teacher tensor whose shape fits (see the module docstring for the layer
-    map); pos_embed is resampled when only the patch grid differs. Tensors without a
-    same-shaped source keep their random init and are listed. Raises ValueError when no
-    tensor of 2+ dims (weight matrix, embedding, token) could be copied."""
+    map); pos_embed is resampled when only the patch grid differs. `prune=True`
+    (`model.init=inherit_pruned`) also copies a narrower student's tensors from a cut of the
+    teacher's (`prune_to`). Tensors without a source keep their random init and are listed.
+    Raises ValueError when no tensor of 2+ dims (weight matrix, embedding, token) was copied."""
     maps = resolve_layer_maps(student, teacher, layer_map)
     source = teacher.state_dict()  # every alias: an untied student reads the teacher's tied names
     own = student.state_dict()
@@ -266,8 +274,15 @@ def init_from_teacher(
             continue  # tied: copied once under its canonical name
         target, src_name = own[name], _teacher_name(name, maps)
         value = source.get(src_name)
+        if prune and value is not None and name == "visual_encoder.pos_embed":
+            value = value[..., : target.shape[-1]]  # channels first; the grid is fitted next
         if value is not None and name == "visual_encoder.pos_embed":
             value = _fit_pos_embed(value, target, report)
+        if prune and value is not None and value.shape != target.shape:
+            cut = prune_to(name, value, target.shape, student.config, teacher.config)
+            if cut is not None:
+                report.pruned.append(name)
+                value = cut
         if value is None or value.shape != target.shape:
             why = "not in the teacher" if value is None else "shape differs"
             report.kept_random[name] = f"{why} ({src_name})"
@@ -302,20 +317,90 @@ def _fit_pos_embed(value: Tensor, target: Tensor, report: InitReport) -> Tensor:
     return resize_pos_embed(value, grid)
 
 
+# ----------------------------------------------------------------------------- width pruning
+_HEAD_OUT = re.compile(r"attention\.self\.(query|key|value)\.(weight|bias)$|attn\.qkv\.")
+_HEAD_IN = re.compile(r"attention\.output\.dense\.weight$|attn\.proj\.weight$")
+
+
+def head_channels(heads_s: int, dim_s: int, heads_t: int, dim_t: int) -> Tensor | None:
+    """(heads_s * dim_s,) teacher channels for a student's attention heads: the teacher's
+    first heads_s heads, the first dim_s channels of each; None if the student's are wider."""
+    if heads_s > heads_t or dim_s > dim_t:
+        return None
+    return (torch.arange(heads_s)[:, None] * dim_t + torch.arange(dim_s)[None]).reshape(-1)
+
+
+def prune_to(
+    name: str, value: Tensor, shape: Sequence[int], student: ModelConfig, teacher: ModelConfig
+) -> Tensor | None:
+    """A teacher tensor cut to a narrower student's `shape`: TinyCLIP's weight inheritance
+    (Wu et al., ICCV 2023) with a fixed choice instead of learned masks. Attention channels
+    keep whole heads (the first student-many teacher heads, the leading channels of each; the
+    vision qkv's three parts each so); every other dimension keeps its leading channels, the
+    same ones in every tensor, so the student's residual stream is a sub-space of the
+    teacher's. None when a student dimension is wider than the teacher's."""
+    if value.dim() != len(shape) or any(n > m for n, m in zip(shape, value.shape, strict=True)):
+        return None
+    (hs, ws), (ht, wt) = (_heads_width(c, name) for c in (student, teacher))
+    heads = head_channels(hs, ws // hs, ht, wt // ht)
+    out = value
+    for dim, n in enumerate(shape):
+        head_dim = (dim == 0 and _HEAD_OUT.search(name)) or (dim == 1 and _HEAD_IN.search(name))
+        if head_dim and heads is not None:
+            parts = 3 if "attn.qkv." in name else 1  # vision qkv: [q; k; v] along dim 0
+            idx = torch.cat([heads + p * wt for p in range(parts)])
+        elif out.shape[dim] != n:
+            idx = torch.arange(n)
+        else:
+            continue
+        if len(idx) != n:
+            return None
+        out = out.index_select(dim, idx)
+    return out
+
+
+def _heads_width(config: ModelConfig, name: str) -> tuple[int, int]:
+    if name.startswith("visual_encoder"):
+        return config.vision.num_heads, config.vision.width
+    return config.text.num_heads, config.text.hidden_size
+
+
+# ------------------------------------------------------------------------------ random init
+_VALUE_OUTPUT = re.compile(r"^text_encoder\..*attention\.(self\.value|output\.dense)$")
+
+
+@torch.no_grad()
+def redraw_value_output(student: BLIP, std: float) -> list[str]:
+    """Redraw the text encoder's attention value and output projections (self- and
+    cross-attention; the decoder shares the cross-attention) from N(0, std); returns their
+    names. BERT draws every weight from N(0, 0.02): at width 96 two such maps in a row scale a
+    token's contribution by ~(0.02 * sqrt(96))^2 = 0.04, so a from-scratch encoder's [CLS]
+    hardly depends on the words (cosine 0.9999 between captions) and ITC sits at ln(batch)
+    for hundreds of steps. With std ~ 1 / sqrt(width) the attention mixes the words at step 0."""
+    names = []
+    for name, module in student.named_modules():
+        if isinstance(module, torch.nn.Linear) and _VALUE_OUTPUT.match(name):
+            module.weight.normal_(0.0, std)
+            names.append(name)
+    return names
+
+
 # ---------------------------------------------------------------------------------- dispatch
 def apply_init(student: BLIP, init: str, teacher: BLIP | None = None) -> InitReport | None:
     """`model.init` for the trainer: "random" (nothing to do), "inherit" or "timm:PATH".
     Prints a one-line summary on rank 0."""
     if init == "random":
         return None
-    if init == "inherit":
+    if init in ("inherit", "inherit_pruned"):
         if teacher is None:
-            raise ValueError("model.init=inherit needs a teacher (set teacher.checkpoint=DIR)")
-        report = init_from_teacher(student, teacher)
+            raise ValueError(f"model.init={init} needs a teacher (set teacher.checkpoint=DIR)")
+        report = init_from_teacher(student, teacher, prune=init == "inherit_pruned")
     elif init.startswith("timm:") and init != "timm:":
         report = init_from_timm(student, init.removeprefix("timm:"))
     else:
-        raise ValueError(f"model.init={init!r}: use 'random', 'inherit' or 'timm:PATH'")
+        raise ValueError(
+            f"model.init={init!r}: use 'random', 'inherit', 'inherit_pruned' or 'timm:PATH'"
+        )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(f"model.init={init}: {report.summary()}", flush=True)
     return report

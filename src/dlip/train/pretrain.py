@@ -33,12 +33,14 @@ from dlip.train.task import PretrainTask, build_adapters
 def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask:
     """Student (+ adapters for `teacher`) as one PretrainTask; every check that can fail before
     step 1 (vocab mismatch, layer maps, missing towers) fails here."""
-    from dlip.models.init import apply_init
+    from dlip.models.init import apply_init, redraw_value_output
     from dlip.models.presets import create_model
 
     student_config = cfg.model_config()
     adapters = build_adapters(cfg, student_config, teacher)
     student = create_model(student_config)
+    if cfg.model.text_value_output_std is not None:
+        redraw_value_output(student, cfg.model.text_value_output_std)
     apply_init(student, cfg.model.init, teacher)  # before the momentum copy in PretrainTask
     if cfg.model.temp_init is not None and student.config.has_itc:
         with torch.no_grad():

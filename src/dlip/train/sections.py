@@ -27,11 +27,18 @@ class ModelSection:
     arch: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None  # None: the preset's (224 for the released presets)
     # "random"; "inherit": copy teacher weights where shapes allow (every k-th layer when the
-    # student is shallower); "timm:PATH": a timm/DeiT ViT checkpoint file for the vision tower.
+    # student is shallower); "inherit_pruned": also cut wider teacher tensors to a narrower
+    # student (whole heads, leading channels: TinyCLIP's inheritance); "timm:PATH": a
+    # timm/DeiT ViT checkpoint file for the vision tower.
     init: str = "random"
     # Initial ITC temperature (None: BLIP's 0.07, or what `init` copied). Tiny towers trained
     # from scratch first collapse to identical features; 0.3 halves that plateau (docs/demo.md).
     temp_init: float | None = None
+    # Random init of the text encoder's attention value / output projections: N(0, this)
+    # instead of BERT's 0.02 (None). Small towers from scratch: ~1/sqrt(width) lets [CLS]
+    # depend on the words at step 0 and shortens the ITC plateau (docs/demo.md). Applied
+    # before `init`, which overwrites what it copies.
+    text_value_output_std: float | None = None
     grad_checkpointing: bool = False  # recompute block activations in backward (both towers)
 
     def __post_init__(self) -> None:
@@ -41,10 +48,13 @@ class ModelSection:
         if self.temp_init is not None:
             require(0.001 <= self.temp_init <= 0.5, "model.temp_init", self.temp_init,
                      "in [0.001, 0.5] (the clamp of the learnable temperature)")  # fmt: skip
-        if self.init not in ("random", "inherit") and not re.fullmatch(r"timm:.+", self.init):
+        std = self.text_value_output_std
+        require(std is None or 0 < std < 1, "model.text_value_output_std", std, "in (0, 1)")
+        inits = ("random", "inherit", "inherit_pruned")
+        if self.init not in inits and not re.fullmatch(r"timm:.+", self.init):
             raise ConfigError(
-                f"model.init={self.init!r}: use 'random', 'inherit' or 'timm:PATH' "
-                "(a timm/DeiT ViT checkpoint file)"
+                f"model.init={self.init!r}: use 'random', 'inherit', 'inherit_pruned' or "
+                "'timm:PATH' (a timm/DeiT ViT checkpoint file)"
             )
 
     @property
