@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 from PIL import Image
 
 from dlip.cli import main
@@ -103,6 +104,24 @@ def test_rerun_resumes_and_redoes_only_what_is_missing(demo_run, capsys):
 def test_a_folder_of_another_plan_is_refused(demo_run):
     with pytest.raises(SystemExit, match="other settings"):
         main(["demo", "--out", str(demo_run)])  # the full plan on a quick run's folder
+    with pytest.raises(SystemExit, match="other settings"):  # another seed is another plan
+        main(["demo", "--quick", "--seed", "1", "--out", str(demo_run)])
+
+
+def test_the_seed_reaches_every_config_and_the_data(tmp_path):
+    """--seed S: the synthetic data and every stage's run.seed use S (benchmarks/demo_seeds.py
+    relies on it for its mean +- sd)."""
+    from dataclasses import replace
+
+    from dlip.demo.pipeline import Layout, stages
+
+    lay = Layout(tmp_path)
+    todo = stages(replace(DemoPlan.quick(), seed=7), lay)
+    assert "seed 7" in todo[0].command
+    configs = sorted((tmp_path / "configs").glob("*.yaml"))
+    assert len(configs) == len(todo) - 1  # one per training stage
+    for path in configs:
+        assert yaml.safe_load(path.read_text())["run"]["seed"] == 7, path.name
 
 
 def test_fresh_refuses_a_folder_that_is_not_a_demo_run(tmp_path):

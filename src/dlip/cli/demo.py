@@ -1,6 +1,6 @@
 """`dlip demo`: distil a teacher into a student on synthetic data, finetune, evaluate, report.
 
-dlip demo [--out runs/demo] [--quick] [--fresh] [--threads N]
+dlip demo [--out runs/demo] [--quick] [--fresh] [--threads N] [--seed S]
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    p.add_argument(
+        "--seed", type=int, default=0,
+        help="seed of the synthetic data and of every training run (default: 0)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from dlip.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, fresh=args.fresh, threads=args.threads)
+    run_demo(args.out, quick=args.quick, fresh=args.fresh, threads=args.threads, seed=args.seed)
     return 0

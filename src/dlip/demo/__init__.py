@@ -1,6 +1,6 @@
 """`dlip demo`: the whole DLIP story on synthetic data, on a CPU, with nothing downloaded.
 
-    dlip demo [--out runs/demo] [--quick] [--fresh] [--threads N]
+    dlip demo [--out runs/demo] [--quick] [--fresh] [--threads N] [--seed S]
     dlip.demo.run_demo("runs/demo", quick=True)  # the same from Python
 
 A BLIP-shaped teacher is pretrained from scratch; a ~4x smaller student is distilled from it
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,16 @@ def run_demo(
     quick: bool = False,
     fresh: bool = False,
     threads: int | None = None,
+    seed: int = 0,
 ) -> Path:
     """The whole demo into `out` (resumed when its folder holds an interrupted run of the same
-    plan; `fresh` deletes an earlier demo run first); returns the report's path."""
+    plan; `fresh` deletes an earlier demo run first); `seed` sets the synthetic data and every
+    run's seed. Returns the report's path."""
     import torch
 
     from dlip.demo.pipeline import PLAN_FILE, Layout, pin_plan, run_stages, stages
 
-    plan = DemoPlan.quick() if quick else DemoPlan.full()
+    plan = replace(DemoPlan.quick() if quick else DemoPlan.full(), seed=seed)
     lay = Layout(Path(out).resolve())
     if fresh and lay.root.exists():
         if not (lay.root / PLAN_FILE).is_file():

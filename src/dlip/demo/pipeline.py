@@ -21,10 +21,12 @@ from dlip.demo.plan import (
     IMAGE_SIZE,
     KD_WEIGHTS,
     MODELS,
+    STUDENT_ARCH,
     STUDENT_PRESET,
     TASKS,
     TEACHER_ARCH,
     TEMP_INIT,
+    TEXT_VALUE_OUTPUT_STD,
     VQA,
     DemoPlan,
 )
@@ -74,11 +76,14 @@ def _data_section(plan: DemoPlan) -> dict[str, Any]:
 def pretrain_config(plan: DemoPlan, lay: Layout, model: str) -> dict[str, Any]:
     """The `dlip pretrain` yaml of one of the three models."""
     steps = plan.teacher_steps if model == "teacher" else plan.student_steps
-    # temp_init 0.3: from scratch, towers first collapse to identical features; a softer
-    # initial temperature halves that plateau (docs/demo.md). Same for all three models.
-    arch = {"preset": STUDENT_PRESET, "image_size": IMAGE_SIZE, "temp_init": TEMP_INIT}
-    if model == "teacher":
-        arch["arch"] = TEACHER_ARCH
+    # From scratch the text tower's [CLS] first ignores the words and ITC sits at ln(batch):
+    # wider value / output maps at init, a softer initial temperature and no dropout leave
+    # that plateau in ~60 steps instead of ~270 (docs/demo.md). The same for all three models.
+    arch: dict[str, Any] = {
+        "preset": STUDENT_PRESET, "image_size": IMAGE_SIZE, "temp_init": TEMP_INIT,
+        "text_value_output_std": TEXT_VALUE_OUTPUT_STD,
+        "arch": TEACHER_ARCH if model == "teacher" else STUDENT_ARCH,
+    }  # fmt: skip
     cfg: dict[str, Any] = {
         "model": arch,
         "data": {"manifests": [str(lay.data / "manifest.jsonl")], **_data_section(plan)},

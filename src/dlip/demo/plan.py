@@ -24,11 +24,14 @@ from dataclasses import asdict, dataclass
 
 TEACHER_ARCH = {
     "vision": {"width": 96, "depth": 4, "num_heads": 4},
-    "text": {"hidden_size": 96, "num_layers": 4, "num_heads": 4, "intermediate_size": 192},
-}
+    "text": {"hidden_size": 96, "num_layers": 4, "num_heads": 4, "intermediate_size": 192,
+             "dropout": 0.0},
+}  # fmt: skip
 STUDENT_PRESET = "test_tiny"  # width 32, 2+2 layers
+STUDENT_ARCH = {"text": {"dropout": 0.0}}  # a few hundred steps on 1000 images: no dropout
 IMAGE_SIZE = 64
 TEMP_INIT = 0.3  # initial ITC temperature of the three from-scratch models (BLIP: 0.07)
+TEXT_VALUE_OUTPUT_STD = 0.1  # model.text_value_output_std (BERT: 0.02) of the three models
 # DLIP's multi-module distillation: logits, representations, hidden states and attention maps.
 KD_WEIGHTS = {
     "kd_itc": 1.0, "kd_itm": 1.0, "kd_lm": 1.0,

@@ -1,0 +1,228 @@
+"""DLIP's ablation questions on the demo's synthetic task: which modules and kinds of KD to
+distil, CLIP-KD's terms, the student's initialisation, KD during finetuning.
+
+    python benchmarks/ablations.py --demo runs/demo [--seeds 0,1,2] [--settings all,none,...]
+        [--work runs/ablations] [--budget-minutes 180] [--vqa]
+        [--out benchmarks/results/ablations_cpu.json] [--md docs/ablations.md]
+
+Every setting trains `make demo`'s student (test_tiny at 64 px, the demo's plan and steps)
+from the same teacher (DEMO/teacher/pretrain/final) on the same data (DEMO/data), then
+finetunes it for retrieval and captioning (and VQA with --vqa) with the demo's recipe and
+evaluates the test split with `dlip eval`'s protocols. Each (setting, seed) is an ordinary
+`dlip pretrain` + `dlip finetune` run under WORK/<setting>/seed<S>/, skipped when its results
+exist, so an interrupted sweep resumes. Seeds change the student's initialisation and batch
+order (not the data or the teacher). The sweep stops starting new runs once --budget-minutes
+of wall time are spent, and says which runs it skipped.
+
+The table (JSON + markdown) gives mean +- sd over seeds of r_mean (ITC + ITM re-rank), ITC-only
+r_mean, CIDEr, BLEU-4 (and VQA accuracy), for the settings in SETTINGS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The demo's KD terms (dlip.demo.plan.KD_WEIGHTS) grouped as DLIP's Table 1 asks.
+MODULES = {
+    "image": ["kd_rep_image", "kd_hidden_image"],
+    "text": ["kd_itc", "kd_rep_text"],
+    "fusion": ["kd_itm", "kd_rep_fusion", "kd_attn_fusion", "kd_attn_cross"],
+    "decoder": ["kd_lm", "kd_attn_decoder"],
+}
+KINDS = {
+    "logits": ["kd_itc", "kd_itm", "kd_lm"],
+    "representations": ["kd_rep_image", "kd_rep_text", "kd_rep_fusion"],
+    "hidden": ["kd_hidden_image"],
+    "attention": ["kd_attn_fusion", "kd_attn_cross", "kd_attn_decoder"],
+}
+
+
+def _kd(terms: list[str]) -> dict[str, Any]:
+    return {"loss": {"kd": {"weights": dict.fromkeys(terms, 1.0)}}}
+
+
+def settings() -> dict[str, dict[str, Any]]:
+    """Setting name -> {"pretrain": config changes, "finetune": config changes, "kd": bool}."""
+    from dlip.demo.plan import KD_WEIGHTS
+
+    every = list(KD_WEIGHTS)
+    out: dict[str, dict[str, Any]] = {
+        "none": {"pretrain": {}, "kd": False},
+        "all": {"pretrain": _kd(every), "kd": True},
+    }
+    out |= {f"module_{m}": {"pretrain": _kd(t), "kd": True} for m, t in MODULES.items()}
+    out |= {f"kind_{k}": {"pretrain": _kd(t), "kd": True} for k, t in KINDS.items()}
+    out["all+feat"] = {"pretrain": _kd([*every, "kd_feat"]), "kd": True}
+    icl = _kd([*every, "kd_icl"])
+    icl["loss"]["kd"]["teacher_queue"] = 1024
+    out["all+icl_queue"] = {"pretrain": icl, "kd": True}
+    out["all+inherit_pruned"] = {
+        "pretrain": {**_kd(every), "model": {"init": "inherit_pruned"}}, "kd": True,
+    }  # fmt: skip
+    out["none+inherit_pruned"] = {
+        "pretrain": {"model": {"init": "inherit_pruned"}}, "kd": True,  # teacher for init only
+    }  # fmt: skip
+    out["all+finetune_kd"] = {"pretrain": _kd(every), "kd": True, "finetune_kd": True}
+    return out
+
+
+def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    from dlip.config import deep_merge
+
+    return deep_merge(base, change)
+
+
+# ------------------------------------------------------------------------------ one (setting, seed)
+def run_one(demo: Path, work: Path, name: str, spec: dict[str, Any], seed: int, vqa: bool) -> dict:
+    """Pretrain + finetune + test one student; returns its test metrics (cached on disk)."""
+    from dlip.demo.pipeline import Layout, finetune_config, pretrain_config, write_config
+    from dlip.demo.plan import TASKS, VQA, DemoPlan
+
+    root = work / name / f"seed{seed}"
+    done = root / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    plan = replace(DemoPlan.full(), seed=seed)
+    lay = Layout(root)
+    lay.data = demo / "data"
+    teacher = Layout(demo).pretrained("teacher")
+    cfg = pretrain_config(plan, lay, "student_nokd")
+    cfg = _merge(cfg, spec["pretrain"])
+    if spec["kd"]:
+        cfg["teacher"] = {"checkpoint": str(teacher)}
+    cfg["run"]["run_dir"] = str(lay.pretrain_dir("student"))
+    _pretrain(write_config(lay, "pretrain", cfg), lay.pretrain_dir("student"))
+    metrics: dict[str, Any] = {}
+    for task in (*TASKS, *([VQA] if vqa else [])):
+        ft = finetune_config(plan, lay, "student", task)
+        if spec.get("finetune_kd") and task != VQA:
+            ft_teacher = Layout(demo).finetune_dir("teacher", task) / "best"
+            kd_terms = MODULES["decoder"] if task == "caption" else MODULES["text"]
+            ft = _merge(ft, {"teacher": {"checkpoint": str(ft_teacher)}, **_kd(kd_terms)})
+        _finetune(write_config(lay, task, ft), task)
+        res = json.loads(lay.test_results("student", task).read_text())
+        if task == "retrieval":
+            metrics["r_mean"] = res["metrics"]["r_mean"]
+            metrics["r_mean_itc"] = res["metrics_itc"]["r_mean"]
+        elif task == "caption":
+            metrics["CIDEr"] = res["metrics"]["CIDEr"]
+            metrics["Bleu_4"] = res["metrics"]["Bleu_4"]
+        else:
+            metrics["vqa"] = res["overall"]
+    done.write_text(json.dumps(metrics))
+    return metrics
+
+
+def _pretrain(path: Path, run_dir: Path) -> None:
+    from dlip.demo.pipeline import pretrain
+
+    pretrain(path, run_dir)
+
+
+def _finetune(path: Path, task: str) -> None:
+    from dlip.demo.pipeline import finetune
+
+    cfg = yaml.safe_load(path.read_text())
+    finetune(path, task, Path(cfg["run"]["run_dir"]))
+
+
+# ------------------------------------------------------------------------------------ the sweep
+def sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    table = settings()
+    names = [n for n in args.settings.split(",") if n] if args.settings else list(table)
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown}; choose from {sorted(table)}")
+    demo = args.demo.resolve()
+    if not (demo / "teacher/pretrain/final/model.safetensors").is_file():
+        raise SystemExit(f"{demo}: no demo run with a pretrained teacher (run `dlip demo`)")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    start, results, skipped = time.perf_counter(), {}, []
+    for seed in seeds:  # seed-major: a cut-off sweep still has every setting at some seeds
+        for name in names:
+            if (time.perf_counter() - start) / 60 > args.budget_minutes:
+                skipped.append(f"{name}/seed{seed}")
+                continue
+            t0 = time.perf_counter()
+            m = run_one(demo, args.work.resolve(), name, table[name], seed, args.vqa)
+            results.setdefault(name, {})[seed] = m
+            log(f"{name} seed {seed}: {json.dumps(m)} ({time.perf_counter() - t0:.0f} s)")
+    return {
+        "settings": {n: _stats(results.get(n, {})) for n in names},
+        "per_seed": results,
+        "skipped": skipped,
+        "wall_minutes": round((time.perf_counter() - start) / 60, 1),
+        "budget_minutes": args.budget_minutes,
+    }
+
+
+def _stats(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for key in ("r_mean", "r_mean_itc", "CIDEr", "Bleu_4", "vqa"):
+        values = [m[key] for m in per_seed.values() if key in m]
+        if values:
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[key] = {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
+    return out
+
+
+def markdown(record: dict[str, Any]) -> str:
+    def ms(s: dict[str, Any], key: str, digits: int) -> str:
+        x = s.get(key)
+        return "-" if x is None else f"{x['mean']:.{digits}f} ± {x['sd']:.{digits}f} (n={x['n']})"
+
+    lines = [
+        "| setting | r_mean | r_mean ITC only | CIDEr | BLEU-4 | VQA % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in record["settings"].items():
+        lines.append(
+            f"| {name} | {ms(s, 'r_mean', 2)} | {ms(s, 'r_mean_itc', 2)} | {ms(s, 'CIDEr', 3)} | "
+            f"{ms(s, 'Bleu_4', 3)} | {ms(s, 'vqa', 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demo", type=Path, default=ROOT / "runs/demo")
+    p.add_argument("--work", type=Path, default=ROOT / "runs/ablations")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--settings", default="", help="comma-separated names (default: all)")
+    p.add_argument("--budget-minutes", type=float, default=180.0)
+    p.add_argument("--vqa", action="store_true", help="also finetune and test VQA")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/ablations_cpu.json")
+    p.add_argument("--md", type=Path, default=None, help="also write the table here")
+    args = p.parse_args()
+    from dlip.fileio import machine
+
+    record = sweep(args)
+    record |= {
+        "benchmark": "ablations",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "demo": str(args.demo),
+        "seeds": args.seeds,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    table = markdown(record)
+    if args.md is not None:
+        args.md.write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
