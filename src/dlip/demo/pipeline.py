@@ -22,6 +22,7 @@ from dlip.demo.plan import (
     KD_WEIGHTS,
     MODELS,
     STUDENT_ARCH,
+    STUDENT_KD_INIT,
     STUDENT_PRESET,
     TASKS,
     TEACHER_ARCH,
@@ -104,6 +105,7 @@ def pretrain_config(plan: DemoPlan, lay: Layout, model: str) -> dict[str, Any]:
         },
     }
     if model == "student_kd":
+        cfg["model"]["init"] = STUDENT_KD_INIT
         cfg["teacher"] = {"checkpoint": str(lay.pretrained("teacher"))}
         cfg["loss"]["kd"] = {"weights": dict(KD_WEIGHTS)}
     return cfg
