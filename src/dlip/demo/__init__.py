@@ -3,7 +3,7 @@
     dlip demo [--out runs/demo] [--quick] [--fresh] [--threads N] [--seed S]
     dlip.demo.run_demo("runs/demo", quick=True)  # the same from Python
 
-A BLIP-shaped teacher is pretrained from scratch; a student with ~4x fewer FLOPs is distilled
+A BLIP-shaped teacher is pretrained from scratch; a student with ~3x fewer image FLOPs is distilled
 from it (KD) and, for comparison, trained without KD for the same steps; all three are finetuned
 for retrieval, captioning and VQA (the synthetic questions) and evaluated with `dlip eval`'s
 protocols on the held-out test split.

@@ -9,8 +9,8 @@ Choices, and why (measured on a 2-core CPU, see docs/demo.md):
   enough that retrieval must bind colours to shapes and read the relation, easy enough for a
   from-scratch model to learn in minutes.
 - Teacher: BLIP-shaped (ViT + BERT-style encoder/decoder with cross-attention), width 96, 4+4
-  layers at 64 px. Student: width 64, 2+2 layers: ~4x fewer image FLOPs; parameters are
-  dominated by the 30524-token word embeddings, so the parameter ratio is much smaller.
+  layers at 64 px. Student: width 64, 2+2 layers: ~3x fewer image FLOPs (31%); parameters are
+  dominated by the 30524-token word embeddings, so parameters shrink less (57%).
 - Towers trained from scratch first collapse: BERT's N(0, 0.02) init leaves a small text
   tower's [CLS] the same for every caption and ITC sits at ln(batch) for ~270 steps. Wider
   attention value / output maps at init (`model.text_value_output_std`), a soft initial
@@ -31,7 +31,7 @@ TEACHER_ARCH = {
              "dropout": 0.0},
 }  # fmt: skip
 STUDENT_PRESET = "test_tiny"  # 2+2 layers, embed_dim 16; widened to 64 by STUDENT_ARCH
-# Width 64, 4 heads of 16 (the teacher: 96, 4 heads of 24), half the teacher's depth: ~4x
+# Width 64, 4 heads of 16 (the teacher: 96, 4 heads of 24), half the teacher's depth: ~3x
 # fewer image FLOPs. Width 32 (test_tiny's own) kept only ~63% of the teacher's r_mean.
 STUDENT_ARCH = {
     "vision": {"width": 64, "num_heads": 4},
