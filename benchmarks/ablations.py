@@ -87,7 +87,7 @@ def run_one(
     demo: Path, work: Path, name: str, spec: dict[str, Any], seed: int, vqa: bool, steps: int
 ) -> dict:
     """Pretrain + finetune + test one student; returns its test metrics (cached on disk)."""
-    from dlip.demo.pipeline import Layout, finetune_config, pretrain_config, write_config
+    from dlip.demo.pipeline import Layout, finetune_config, write_config
     from dlip.demo.plan import TASKS, VQA, DemoPlan
 
     root = work / name / f"seed{seed}"
@@ -97,12 +97,7 @@ def run_one(
     plan = replace(DemoPlan.full(), seed=seed, student_steps=steps)
     lay = Layout(root)
     lay.data = demo / "data"
-    teacher = Layout(demo).pretrained("teacher")
-    cfg = pretrain_config(plan, lay, "student_nokd")
-    cfg = _merge(cfg, spec["pretrain"])
-    if spec["kd"]:
-        cfg["teacher"] = {"checkpoint": str(teacher)}
-    cfg["run"]["run_dir"] = str(lay.pretrain_dir("student"))
+    cfg = student_config(demo, lay, spec, plan)
     _pretrain(write_config(lay, "pretrain", cfg), lay.pretrain_dir("student"))
     metrics: dict[str, Any] = {}
     for task in (*TASKS, *([VQA] if vqa else [])):
@@ -123,6 +118,17 @@ def run_one(
             metrics["vqa"] = res["overall"]
     done.write_text(json.dumps(metrics))
     return metrics
+
+
+def student_config(demo: Path, lay: Any, spec: dict[str, Any], plan: Any) -> dict[str, Any]:
+    """The `dlip pretrain` config of one setting: the demo's no-KD student + the setting."""
+    from dlip.demo.pipeline import Layout, pretrain_config
+
+    cfg = _merge(pretrain_config(plan, lay, "student_nokd"), spec["pretrain"])
+    if spec["kd"]:
+        cfg["teacher"] = {"checkpoint": str(Layout(demo).pretrained("teacher"))}
+    cfg["run"]["run_dir"] = str(lay.pretrain_dir("student"))
+    return cfg
 
 
 def _pretrain(path: Path, run_dir: Path) -> None:
