@@ -21,10 +21,12 @@ def test_every_ablation_setting_is_a_valid_run_that_changes_what_it_names(
 ):
     ab = benchmark_script("ablations")
     demo = tmp_path / "demo"  # the layout a `dlip demo` run leaves (the teacher is not read)
+    (demo / "data").mkdir(parents=True)
+    (demo / "teacher_captions.jsonl").write_text("")  # made once by the sweep; present here
     table = ab.settings()
     assert {"none", "all", "init_only", "all_random_init", "all+finetune_kd"} <= set(table)
     plan = replace(DemoPlan.full(), student_steps=200)
-    terms = {}
+    terms, manifests = {}, {}
     for name, spec in table.items():
         lay = Layout(tmp_path / "work" / name)
         lay.data = demo / "data"
@@ -32,6 +34,7 @@ def test_every_ablation_setting_is_a_valid_run_that_changes_what_it_names(
         assert raw["run"]["max_steps"] == 200
         cfg = load(write_config(lay, "pretrain", raw), [], validate=False)
         terms[name] = set(cfg.loss.kd.enabled)
+        manifests[name] = list(cfg.data.manifests)
         assert (cfg.teacher.checkpoint is not None) == spec["kd"], name
         want_init = "random" if name in ("none", "all_random_init") else "inherit_pruned"
         assert cfg.model.init == want_init, name
@@ -40,6 +43,10 @@ def test_every_ablation_setting_is_a_valid_run_that_changes_what_it_names(
     assert terms["none"] == set() == terms["init_only"]
     assert terms["all+feat"] == set(KD_WEIGHTS) | {"kd_feat"}
     assert terms["all+icl_queue"] == set(KD_WEIGHTS) | {"kd_icl"}
+    assert manifests["all+teacher_captions"] == [
+        *manifests["all"],
+        str(demo / "teacher_captions.jsonl"),
+    ]
     for module, stream in (("image", "image"), ("text", "text"), ("fusion", "fusion"),
                            ("decoder", "decoder")):  # fmt: skip
         assert terms[f"module_{module}"], module

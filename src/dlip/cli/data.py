@@ -60,6 +60,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synth output")
     p.set_defaults(func=cmd_synth)
 
+    p = cmds.add_parser(
+        "teacher-captions",
+        help="a manifest of a teacher's beam-search captions (sequence-level KD, CapFilt-style)",
+    )
+    p.add_argument("--model", required=True, help="the teacher: a saved model directory")
+    p.add_argument("--manifest", required=True, type=Path, help="images to caption (jsonl)")
+    p.add_argument("--out", required=True, type=Path, help="the manifest to write (jsonl)")
+    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--max-length", type=int, default=30)
+    p.add_argument("--min-length", type=int, default=5)
+    p.add_argument("--prompt", default=None, help="default: the model's")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_teacher_captions)
+
     p = cmds.add_parser("shard", help="write webdataset shards from a manifest (resumable)")
     p.add_argument("manifest", type=Path)
     p.add_argument("--out", required=True, type=Path)
@@ -81,6 +96,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     print(report.summary())
     questions = synthesize_vqa(args.out, seed=args.seed)
     print("VQA questions: " + ", ".join(f"{s} {n}" for s, n in questions.items()))
+    return 0
+
+
+def cmd_teacher_captions(args: argparse.Namespace) -> int:
+    from dlip.inference.pseudo import teacher_captions
+
+    report = teacher_captions(
+        args.model, args.manifest, args.out, num_beams=args.num_beams,
+        max_length=args.max_length, min_length=args.min_length, prompt=args.prompt,
+        batch_size=args.batch_size, device=args.device,
+    )  # fmt: skip
+    print(f"{report.summary()} -> {args.out}")
     return 0
 
 
