@@ -333,3 +333,36 @@ def test_text_value_output_std_makes_cls_depend_on_the_words_at_init(tmp_path):
     assert cos[None] > 0.999 and cos[0.1] < 0.99, cos
     with pytest.raises(ConfigError, match=r"model\.text_value_output_std"):
         load(None, [*args, "model.text_value_output_std=0"])
+
+
+def test_per_tower_init_timm_vision_and_teacher_text(teacher_dir, tmp_path, capsys):
+    """model.init=timm:PATH with model.init_text=inherit: the ViT from the timm file, the text
+    towers and heads from the teacher (DLIP-style), each reported; text-only init is refused
+    for a timm file."""
+    vit = timm_vit(img_size=32)
+    path = save_deit_style(vit, tmp_path / "deit.safetensors", "safetensors")
+    args = [
+        f"run_dir={tmp_path / 'run'}", f"data.synth_dir={tmp_path}",
+        f"teacher.checkpoint={teacher_dir}", "model.preset=test_tiny",
+        f"model.init=timm:{path}", "model.init_text=inherit",
+        "model.arch.vision.width=192", "model.arch.vision.num_heads=3",
+        "model.arch.vision.mlp_ratio=4.0", "model.arch.text.hidden_size=64",
+        "model.arch.text.num_heads=4", "model.arch.text.intermediate_size=128",
+        "data.max_length=20",
+    ]  # fmt: skip
+    cfg = load(None, args)
+    teacher = load_teacher(cfg)
+    s = build_task(cfg, teacher).student.state_dict()
+    out = capsys.readouterr().out
+    assert "model.init (vision)=timm:" in out and "model.init_text=inherit: copied" in out
+    v = vit.state_dict()
+    assert torch.equal(s["visual_encoder.blocks.1.attn.qkv.weight"], v["blocks.1.attn.qkv.weight"])
+    t = teacher.state_dict()
+    q = "text_encoder.encoder.layer.{}.attention.self.query.weight"
+    assert torch.equal(s[q.format(1)], t[q.format(2)])  # student 0, 1 <- teacher 0, 2
+    assert torch.equal(s["text_proj.weight"], t["text_proj.weight"])
+    assert not torch.equal(s["vision_proj.weight"][:, :64], t["vision_proj.weight"])  # width
+    with pytest.raises(ConfigError, match=r"model\.init_text"):
+        load(None, [*args[:5], "model.init_text=timm:x"])
+    with pytest.raises(ValueError, match="vision tower only"):
+        apply_init(dlip.BLIP(tiny()), f"timm:{path}", None, tower="text")

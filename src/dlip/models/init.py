@@ -258,20 +258,22 @@ def init_from_teacher(
     teacher: BLIP,
     layer_map: Mapping[str, Sequence[int]] | None = None,
     prune: bool = False,
+    tower: str | None = None,
 ) -> InitReport:
     """Copy every teacher tensor whose shape fits (see the module docstring for the layer
     map); pos_embed is resampled when only the patch grid differs. `prune=True`
     (`model.init=inherit_pruned`) also copies a narrower student's tensors from a cut of the
     teacher's (`prune_to`). Tensors without a source keep their random init and are listed.
-    Raises ValueError when no tensor of 2+ dims (weight matrix, embedding, token) was copied."""
+    Raises ValueError when no tensor of 2+ dims (weight matrix, embedding, token) was copied.
+    `tower` "vision" / "text" limits it to the vision tower / everything else (`in_tower`)."""
     maps = resolve_layer_maps(student, teacher, layer_map)
     source = teacher.state_dict()  # every alias: an untied student reads the teacher's tied names
     own = student.state_dict()
     report = InitReport(source=f"the teacher ({teacher.config.name})")
     plan: dict[str, Tensor] = {}  # student name -> value; copied only once all checks pass
     for name, canon in alias_map(student).items():
-        if name != canon:
-            continue  # tied: copied once under its canonical name
+        if name != canon or not in_tower(name, tower):
+            continue  # tied: copied once under its canonical name; or another tower's
         target, src_name = own[name], _teacher_name(name, maps)
         value = source.get(src_name)
         if prune and value is not None and name == "visual_encoder.pos_embed":
@@ -386,21 +388,45 @@ def redraw_value_output(student: BLIP, std: float) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- dispatch
-def apply_init(student: BLIP, init: str, teacher: BLIP | None = None) -> InitReport | None:
-    """`model.init` for the trainer: "random" (nothing to do), "inherit" or "timm:PATH".
+def in_tower(name: str, tower: str | None) -> bool:
+    """Whether parameter `name` belongs to `tower`: "vision" = the ViT, "text" = everything
+    else (text towers, ITC projections, ITM / LM heads, temperature); None = any."""
+    return tower is None or name.startswith("visual_encoder.") == (tower == "vision")
+
+
+def apply_inits(
+    student: BLIP, init: str, init_text: str | None = None, teacher: BLIP | None = None
+) -> list[InitReport]:
+    """`model.init`, or per tower with `model.init_text`: `init` then covers the vision tower
+    only (e.g. timm:PATH) and `init_text` the rest (e.g. inherit)."""
+    if init_text is None:
+        report = apply_init(student, init, teacher)
+        return [] if report is None else [report]
+    parts = ((init, "vision"), (init_text, "text"))
+    return [r for i, t in parts if (r := apply_init(student, i, teacher, t)) is not None]
+
+
+def apply_init(
+    student: BLIP, init: str, teacher: BLIP | None = None, tower: str | None = None
+) -> InitReport | None:
+    """`model.init` for the trainer: "random" (nothing to do), "inherit", "inherit_pruned"
+    or "timm:PATH" (the vision tower only), over `tower` ("vision" / "text"; None: all).
     Prints a one-line summary on rank 0."""
     if init == "random":
         return None
     if init in ("inherit", "inherit_pruned"):
         if teacher is None:
             raise ValueError(f"model.init={init} needs a teacher (set teacher.checkpoint=DIR)")
-        report = init_from_teacher(student, teacher, prune=init == "inherit_pruned")
+        report = init_from_teacher(student, teacher, prune=init == "inherit_pruned", tower=tower)
     elif init.startswith("timm:") and init != "timm:":
+        if tower == "text":
+            raise ValueError(f"model.init_text={init!r}: a timm file holds a vision tower only")
         report = init_from_timm(student, init.removeprefix("timm:"))
     else:
         raise ValueError(
             f"model.init={init!r}: use 'random', 'inherit', 'inherit_pruned' or 'timm:PATH'"
         )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(f"model.init={init}: {report.summary()}", flush=True)
+        key = {None: "model.init", "vision": "model.init (vision)", "text": "model.init_text"}
+        print(f"{key[tower]}={init}: {report.summary()}", flush=True)
     return report

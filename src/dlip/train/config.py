@@ -82,8 +82,9 @@ class PretrainConfig:
                 f"kd weights set but teacher.checkpoint is empty (enabled: {list(kd.enabled)}); "
                 "give teacher.checkpoint=DIR or set the kd weights to 0"
             )
-        if self.model.init.startswith("inherit") and not self.teacher.checkpoint:
-            errors.append(f"model.init={self.model.init} needs teacher.checkpoint")
+        for key, init in (("init", self.model.init), ("init_text", self.model.init_text)):
+            if init is not None and init.startswith("inherit") and not self.teacher.checkpoint:
+                errors.append(f"model.{key}={init} needs teacher.checkpoint")
         itm_on = loss.itm > 0 or kd.weight("kd_itm") > 0
         if itm_on and d.batch_size < 2:
             errors.append(

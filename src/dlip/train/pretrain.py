@@ -33,7 +33,7 @@ from dlip.train.task import PretrainTask, build_adapters
 def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask:
     """Student (+ adapters for `teacher`) as one PretrainTask; every check that can fail before
     step 1 (vocab mismatch, layer maps, missing towers) fails here."""
-    from dlip.models.init import apply_init, redraw_value_output
+    from dlip.models.init import apply_inits, redraw_value_output
     from dlip.models.presets import create_model
 
     student_config = cfg.model_config()
@@ -41,7 +41,8 @@ def build_task(cfg: PretrainConfig, teacher: BLIP | None = None) -> PretrainTask
     student = create_model(student_config)
     if cfg.model.text_value_output_std is not None:
         redraw_value_output(student, cfg.model.text_value_output_std)
-    apply_init(student, cfg.model.init, teacher)  # before the momentum copy in PretrainTask
+    m = cfg.model
+    apply_inits(student, m.init, m.init_text, teacher)  # before PretrainTask's momentum copy
     if cfg.model.temp_init is not None and student.config.has_itc:
         with torch.no_grad():
             student.temp.fill_(cfg.model.temp_init)

@@ -31,6 +31,9 @@ class ModelSection:
     # student (whole heads, leading channels: TinyCLIP's inheritance); "timm:PATH": a
     # timm/DeiT ViT checkpoint file for the vision tower.
     init: str = "random"
+    # Per tower: when set, `init` covers the vision tower only and this the rest (text towers,
+    # heads): "random", "inherit" or "inherit_pruned"; e.g. init=timm:PATH, init_text=inherit.
+    init_text: str | None = None
     # Initial ITC temperature (None: BLIP's 0.07, or what `init` copied). Tiny towers trained
     # from scratch first collapse to identical features; 0.3 halves that plateau (docs/demo.md).
     temp_init: float | None = None
@@ -51,6 +54,8 @@ class ModelSection:
         std = self.text_value_output_std
         require(std is None or 0 < std < 1, "model.text_value_output_std", std, "in (0, 1)")
         inits = ("random", "inherit", "inherit_pruned")
+        if self.init_text is not None and self.init_text not in inits:
+            raise ConfigError(f"model.init_text={self.init_text!r}: use one of {inits}")
         if self.init not in inits and not re.fullmatch(r"timm:.+", self.init):
             raise ConfigError(
                 f"model.init={self.init!r}: use 'random', 'inherit', 'inherit_pruned' or "
