@@ -2,7 +2,7 @@
 distil, CLIP-KD's terms, the student's initialisation, KD during finetuning.
 
     python benchmarks/ablations.py --demo runs/demo [--seeds 0,1,2] [--settings all,none,...]
-        [--work runs/ablations] [--budget-minutes 180] [--vqa]
+        [--work runs/ablations] [--budget-minutes 180] [--jobs 2] [--vqa]
         [--out benchmarks/results/ablations_cpu.json] [--md docs/ablations.md]
 
 Every setting trains `make demo`'s student (width 64 at 64 px, the demo's plan; pretraining steps
@@ -24,7 +24,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,9 +105,7 @@ def run_one(
     for task in (*TASKS, *([VQA] if vqa else [])):
         ft = finetune_config(plan, lay, "student", task)
         if spec.get("finetune_kd") and task != VQA:
-            ft_teacher = Layout(demo).finetune_dir("teacher", task) / "best"
-            kd_terms = MODULES["decoder"] if task == "caption" else MODULES["text"]
-            ft = _merge(ft, {"teacher": {"checkpoint": str(ft_teacher)}, **_kd(kd_terms)})
+            ft = finetune_kd_config(demo, ft, task)
         _finetune(write_config(lay, task, ft), task)
         res = json.loads(lay.test_results("student", task).read_text())
         if task == "retrieval":
@@ -120,6 +118,17 @@ def run_one(
             metrics["vqa"] = res["overall"]
     done.write_text(json.dumps(metrics))
     return metrics
+
+
+def finetune_kd_config(demo: Path, ft: dict[str, Any], task: str) -> dict[str, Any]:
+    """The demo's finetuning config of `task` + KD from the teacher's finetuned model of the
+    task (retrieval: ITC + text representations; captioning: LM + decoder attention)."""
+    from dlip.demo.pipeline import Layout
+
+    teacher = Layout(demo).finetune_dir("teacher", task) / "best"
+    terms = MODULES["decoder"] if task == "caption" else MODULES["text"]
+    loss = _kd(terms)["loss"]  # the KD weights only: model.init is pretraining's
+    return _merge(ft, {"teacher": {"checkpoint": str(teacher)}, "loss": loss})
 
 
 def student_config(demo: Path, lay: Any, spec: dict[str, Any], plan: Any) -> dict[str, Any]:
@@ -162,6 +171,20 @@ def _finetune(path: Path, task: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ the sweep
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _task(job: tuple, deadline: float) -> tuple[dict | None, float]:
+    """One (setting, seed) unless the wall-time budget ran out before it started."""
+    if time.time() > deadline:
+        return None, 0.0
+    t0 = time.perf_counter()
+    return run_one(*job), time.perf_counter() - t0
+
+
 def sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     table = settings()
     names = [n for n in args.settings.split(",") if n] if args.settings else list(table)
@@ -171,26 +194,49 @@ def sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[
     demo = args.demo.resolve()
     if not (demo / "teacher/pretrain/final/model.safetensors").is_file():
         raise SystemExit(f"{demo}: no demo run with a pretrained teacher (run `dlip demo`)")
+    if any(table[n].get("teacher_captions") for n in names):
+        _teacher_captions(demo)  # once, before workers could race to write it
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    start, results, skipped = time.perf_counter(), {}, []
-    for seed in seeds:  # seed-major: a cut-off sweep still has every setting at some seeds
-        for name in names:
-            if (time.perf_counter() - start) / 60 > args.budget_minutes:
-                skipped.append(f"{name}/seed{seed}")
-                continue
-            t0 = time.perf_counter()
-            m = run_one(
-                demo, args.work.resolve(), name, table[name], seed, args.vqa, args.student_steps
-            )
-            results.setdefault(name, {})[seed] = m
-            log(f"{name} seed {seed}: {json.dumps(m)} ({time.perf_counter() - t0:.0f} s)")
+    # seed-major: a cut-off sweep still has every setting at some seeds
+    keys = [(name, seed) for seed in seeds for name in names]
+    jobs = [
+        (demo, args.work.resolve(), n, table[n], s, args.vqa, args.student_steps) for n, s in keys
+    ]
+    start, deadline = time.perf_counter(), time.time() + args.budget_minutes * 60
+    results: dict[str, dict[int, dict]] = {}
+    skipped: list[str] = []
+    for (name, seed), (m, seconds) in zip(keys, _run_all(jobs, deadline, args), strict=True):
+        if m is None:
+            skipped.append(f"{name}/seed{seed}")
+            continue
+        results.setdefault(name, {})[seed] = m
+        log(f"{name} seed {seed}: {json.dumps(m)} ({seconds:.0f} s)")
     return {
         "settings": {n: _stats(results.get(n, {})) for n in names},
         "per_seed": results,
         "skipped": skipped,
         "wall_minutes": round((time.perf_counter() - start) / 60, 1),
         "budget_minutes": args.budget_minutes,
+        "jobs": getattr(args, "jobs", 1),
     }
+
+
+def _run_all(jobs: list[tuple], deadline: float, args: argparse.Namespace) -> Iterator[tuple]:
+    """Results in job order: in this process, or in --jobs spawned workers that split the cores
+    (tiny models use threads poorly, so two 1-thread runs beat one 2-thread run)."""
+    n = getattr(args, "jobs", 1)
+    if n <= 1:
+        yield from (_task(job, deadline) for job in jobs)
+        return
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // n)
+    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    with ProcessPoolExecutor(n, ctx, _init_worker, (threads,)) as ex:
+        futures = [ex.submit(_task, job, deadline) for job in jobs]
+        yield from (f.result() for f in futures)
 
 
 def _stats(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -228,6 +274,9 @@ def main() -> None:
     p.add_argument("--settings", default="", help="comma-separated names (default: all)")
     p.add_argument("--budget-minutes", type=float, default=180.0)
     p.add_argument("--vqa", action="store_true", help="also finetune and test VQA")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each in its own process (cores split)"
+    )
     p.add_argument(
         "--student-steps", type=int, default=200,
         help="pretraining steps per student (the demo: 400; 200 fits 15 settings x 3 seeds "

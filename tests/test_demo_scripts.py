@@ -72,6 +72,27 @@ def test_the_sweep_refuses_a_folder_without_a_teacher(benchmark_script, tmp_path
         ab.sweep(args)
 
 
+def test_finetune_kd_setting_gives_valid_finetuning_configs(benchmark_script, tmp_path):
+    """all+finetune_kd's finetuning runs: the task's KD terms from the teacher's finetuned model,
+    nothing of pretraining's settings (a model.init key there was a ConfigError)."""
+    from dlip.demo.pipeline import finetune_config
+    from dlip.demo.plan import TASKS
+    from dlip.train.config import FinetuneConfig
+
+    ab = benchmark_script("ablations")
+    demo = tmp_path / "demo"
+    (demo / "data").mkdir(parents=True)
+    plan = replace(DemoPlan.full(), student_steps=200)
+    lay = Layout(tmp_path / "work")
+    lay.data = demo / "data"
+    want = {"retrieval": {"kd_itc", "kd_rep_text"}, "caption": {"kd_lm", "kd_attn_decoder"}}
+    for task in TASKS:
+        raw = ab.finetune_kd_config(demo, finetune_config(plan, lay, "student", task), task)
+        cfg = load(write_config(lay, task, raw), [], validate=False, cls=FinetuneConfig)
+        assert set(cfg.loss.kd.enabled) == want[task]
+        assert cfg.teacher.checkpoint == str(demo / "teacher" / task / "best")
+
+
 def test_demo_seeds_summary_is_mean_and_sample_sd(benchmark_script):
     ds = benchmark_script("demo_seeds")
 
