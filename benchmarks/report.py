@@ -396,6 +396,25 @@ def vqa_latency(record: dict) -> str:
     return note + "\n\n" + table(header, rows)
 
 
+def index_search(record: dict) -> str:
+    header = ["images", "IVF lists", "build s", "exact ms", "nprobe", "recall@k", "IVF ms"]
+    header.append("faster")
+    rows = []
+    for size in record["sizes"]:
+        for v in size["ivf"]:
+            rows.append([
+                f"{size['n']:,}", str(size["nlist"]), f"{size['build_s']:.1f}",
+                num(size["exact_ms_per_query"]), str(v["nprobe"]), f"{v['recall_at_k']:.3f}",
+                num(v["ms_per_query"]), f"{v['speedup_vs_exact']:.1f}x",
+            ])  # fmt: skip
+    note = (
+        f"{record['threads']} thread(s), dim {record['dim']}, k {record['k']}, median ms of "
+        f"{record['queries']} single-query searches; data: {record['data']}; faiss "
+        f"{record['faiss']}."
+    )
+    return note + "\n\n" + table(header, rows)
+
+
 # region name -> (results file, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "size": ("model_size.json", size_tables),
@@ -418,6 +437,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "thumbnail_memory": ("thumbnail_memory.json", thumbnail_memory),
     "thumbnail_memory_before": ("thumbnail_memory_before.json", thumbnail_memory),
     "vqa_latency": ("vqa_latency_cpu.json", vqa_latency),
+    "index_search": ("index_search_cpu.json", index_search),
 }
 
 

@@ -56,6 +56,23 @@ def teacher_dir(tmp_path_factory):
     return dlip.save(teacher, tmp_path_factory.mktemp("teacher") / "model")
 
 
+@pytest.fixture(scope="session")
+def perturbed_tiny() -> Callable[[float], dlip.BLIP]:
+    """A factory: test_tiny (seed 0) in eval mode with N(0, scale) noise on every weight, so
+    that every path matters (random init leaves some near zero) and inputs get different
+    outputs."""
+
+    def make(scale: float) -> dlip.BLIP:
+        torch.manual_seed(0)
+        model = dlip.create_model("test_tiny").eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * scale)
+        return model
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A saved test_tiny model (seed 0) for the inference, index and serving tests."""

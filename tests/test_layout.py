@@ -29,6 +29,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("dlip.models",),
     (
         "dlip.config",
+        "dlip.config_doc",
+        "dlip.progress",
         "dlip.tokenizer",
         "dlip.transforms",
         "dlip.distributed",
@@ -42,7 +44,7 @@ LAYERS: list[tuple[str, ...]] = [
 CLI_GROUPS = [
     ["info"], ["convert"], ["demo"], ["data", "build", "img2dataset"], ["data", "shard"],
     ["pretrain"], ["finetune"], ["eval", "caption"], ["caption"], ["embed"], ["itm"],
-    ["index", "build"], ["search"], ["serve"], ["export", "onnx"], ["bench"],
+    ["index", "build"], ["search"], ["serve"], ["export", "onnx"], ["bench"], ["completion"],
 ]  # fmt: skip
 
 

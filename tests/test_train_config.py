@@ -136,15 +136,16 @@ def test_parse_override_aliases_and_errors():
 
 # ------------------------------------------------------------------------------ unknown keys
 @pytest.mark.parametrize(
-    ("override", "key", "level"),
+    ("override", "key", "close", "level"),
     [
-        ("optimm.lr=1", "optimm", "top level"),
-        ("optim.lrr=1", "optim.lrr", "optim"),
-        ("loss.kd.temprature=2", "loss.kd.temprature", "loss.kd"),
+        ("optimm.lr=1", "optimm", "optim", "top level"),
+        ("optim.lrr=1", "optim.lrr", "optim.lr", "optim"),
+        ("loss.kd.temprature=2", "loss.kd.temprature", "loss.kd.lm_temperature", "loss.kd"),
     ],
 )
-def test_unknown_override_key_is_named(override, key, level):
-    with pytest.raises(ConfigError, match=rf"unknown key '{key}'; valid keys at {level}: \[") as e:
+def test_unknown_override_key_is_named(override, key, close, level):
+    want = rf"unknown key '{key}' \(did you mean {close}\?\); valid keys at {level}: \["
+    with pytest.raises(ConfigError, match=want) as e:
         load(None, [*DATA, override])
     assert "override" in str(e.value)
 

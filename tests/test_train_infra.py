@@ -296,7 +296,7 @@ def _steps(path):
 
 
 def test_metrics_logger_lines_and_resume(tmp_path):
-    with MetricsLogger(tmp_path, enabled=True, tensorboard=False) as log:
+    with MetricsLogger(tmp_path, enabled=True) as log:
         for step in range(1, 6):
             rec = log.log(step, {"loss": torch.tensor(1.5), "loss_itc": 0.5, "lr": 1e-4})
     path = tmp_path / "metrics.jsonl"
@@ -306,11 +306,11 @@ def test_metrics_logger_lines_and_resume(tmp_path):
     assert rec["step"] == 5 and isinstance(lines[0]["time"], float)
     with path.open("a") as f:
         f.write('{"step": 6, "lo')  # a write cut by SIGKILL
-    with MetricsLogger(tmp_path, enabled=True, resume_step=3, tensorboard=False) as log:
+    with MetricsLogger(tmp_path, enabled=True, resume_step=3) as log:
         log.log(4, {"loss": 2.0})
     assert _steps(path) == [1, 2, 3, 4]
     assert json.loads(path.read_text().splitlines()[-1])["loss"] == 2.0
-    MetricsLogger(tmp_path, enabled=True, tensorboard=False).close()  # a fresh run starts over
+    MetricsLogger(tmp_path, enabled=True).close()  # a fresh run starts over
     assert path.read_text() == ""
 
 

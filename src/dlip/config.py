@@ -134,7 +134,8 @@ def _merge(cls: type, base: dict, update: Any, prefix: str, source: str) -> dict
     for key, value in update.items():
         if key not in hints:
             raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}'; valid keys at {where}: {sorted(hints)}"
+                f"{source}: unknown key '{prefix}{key}'{did_you_mean(cls, prefix, key)}; "
+                f"valid keys at {where}: {sorted(hints)}"
             )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -143,6 +144,32 @@ def _merge(cls: type, base: dict, update: Any, prefix: str, source: str) -> dict
             out[key] = deep_merge(base[key], value)
         else:
             out[key] = value
+    return out
+
+
+def did_you_mean(cls: type, prefix: str, key: str) -> str:
+    """` (did you mean optim.lr?)`: a close key of the same section, else a key anywhere below
+    `cls` whose last part is `key` or close to it (`lr` -> optim.lr); "" when nothing is."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(_fields(cls)), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    paths = key_paths(cls, prefix)
+    same = [p for p in paths if p.rsplit(".", 1)[-1] == key]
+    tails = {p.rsplit(".", 1)[-1]: p for p in paths}
+    near = same or [tails[t] for t in difflib.get_close_matches(key, list(tails), n=1, cutoff=0.8)]
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def key_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of `cls`'s tree (leaves only)."""
+    out = []
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out += key_paths(tp, f"{prefix}{name}.")  # type: ignore[arg-type]
+        else:
+            out.append(f"{prefix}{name}")
     return out
 
 

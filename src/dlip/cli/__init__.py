@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """`dlip` command line: the only place argparse lives. Thin: parse, then call library functions.
 
     dlip info MODEL [--image-size N] [--json] [--teacher blip_base]
@@ -13,11 +14,13 @@
     dlip export onnx MODEL --out DIR [--opset N] [--image-size N] [--atol 1e-4]
     dlip demo [--quick] [--out runs/demo]
     dlip bench size|latency|all [--out-dir benchmarks/results] [--models ...] [--device cpu|cuda]
+    dlip completion bash|zsh|fish   (shell completion: eval "$(dlip completion bash)")
 
 One module per command group (models, data, train, evaluate, inference, demo, bench), each with a
 `register(sub)` that adds its parsers and a `cmd_*` function per command. The modules import
 only argparse and the standard library at the top; a command imports its library code when it
-runs, so `dlip ... --help` never pays for torch.
+runs, so `dlip ... --help` never pays for torch. Every command's help ends with examples
+(`cli.examples`); completion is argcomplete's, with config keys for `key=value` overrides.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dlip.cli import bench, data, demo, evaluate, inference, models, train
-from dlip.cli.common import parse_args
+from dlip.cli import bench, completion, data, demo, evaluate, inference, models, train
+from dlip.cli.common import add_no_progress, parse_args
+from dlip.cli.examples import add_examples
 
-GROUPS = (models, demo, train, inference, data, evaluate, bench)
+GROUPS = (models, demo, train, inference, data, evaluate, bench, completion)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)
+    add_examples(parser)
+    add_no_progress(parser)
     return parser
 
 
@@ -48,7 +54,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a bad input (ValueError, missing file, checkpoint mismatch) prints
     `dlip CMD: error: ...` and returns 2."""
-    args = parse(argv)
+    parser = build_parser()
+    completion.complete(parser)  # answers the shell and exits when it asks for completions
+    args = parse_args(parser, argv)
+    from dlip.progress import set_enabled
+
+    set_enabled(not getattr(args, "no_progress", False))
     from dlip.models.io import CheckpointError
 
     try:

@@ -20,6 +20,30 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
+# Commands with long loops: their tqdm bars (dlip.progress) show on a terminal unless
+# --no-progress is given.
+PROGRESS_COMMANDS = (
+    "convert", "caption", "embed", "index build", "export onnx", "data build img2dataset",
+    "data build vg", "data build karpathy", "data build vqa", "data build flickr30k-csv",
+    "data merge", "data shard", "data teacher-captions", "eval retrieval", "eval caption",
+    "eval vqa",
+)  # fmt: skip
+
+
+def add_no_progress(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """`--no-progress` on every command of PROGRESS_COMMANDS that lacks one."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subs:
+        for name, sub in action.choices.items():
+            add_no_progress(sub, (*path, name))
+    has = any("--no-progress" in a.option_strings for a in parser._actions)
+    if " ".join(path) in PROGRESS_COMMANDS and not has:
+        parser.add_argument(
+            "--no-progress", action="store_true",
+            help="no progress bar (bars only ever show when stderr is a terminal)",
+        )  # fmt: skip
+
+
 def positive_number(text: str) -> float:
     """argparse type: a finite number > 0 (`inf`, `nan`, 0 and negatives are refused)."""
     try:

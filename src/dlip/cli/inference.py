@@ -31,6 +31,10 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images")
+    p.add_argument(
+        "--quantize", choices=["int8"], default=None,
+        help="int8: dynamic int8 linear layers (CPU, float32; faster, slightly different)",
+    )  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +90,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk")
     b.add_argument("--no-resume", action="store_true", help="discard chunks of an earlier run")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    b.add_argument(
+        "--faiss", choices=["auto", "on", "off"], default="auto",
+        help="write a FAISS index beside it (image.index): auto once --faiss-min-size images",
+    )  # fmt: skip
+    b.add_argument("--faiss-min-size", type=int, default=100_000)
     b.set_defaults(func=cmd_index_build)
+    e = actions.add_parser(
+        "export", help="an index as clip-retrieval reads it (npy + parquet + image.index)"
+    )
+    e.add_argument("index", help="index directory (dlip index build)")
+    e.add_argument("--to", choices=["clip-retrieval"], default="clip-retrieval")
+    e.add_argument("--out", required=True, help="clip-retrieval embeddings / indice folder")
+    e.set_defaults(func=cmd_index_export)
 
     p = sub.add_parser("search", help="text -> image search over an index (ITC, ITM re-rank)")
     p.add_argument("index", help="index directory (dlip index build)")
@@ -107,6 +124,12 @@ def _register_deploy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["int8"], default=None, help="CPU int8 linear layers")
+    p.add_argument(
+        "--max-batch", type=int, default=8,
+        help="concurrent caption requests run as one batch of up to this many (1: one by one)",
+    )  # fmt: skip
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch gathers")
     p.add_argument(
         "--max-upload-mb", type=positive_number, default=20.0, help="larger uploads get 413"
     )
@@ -137,8 +160,9 @@ def _predictor(args: argparse.Namespace, model: str | None = None):
     from dlip.inference.predictor import Predictor
 
     return Predictor.load(
-        model or args.model, device=args.device, dtype=args.dtype, max_pixels=args.max_pixels
-    )
+        model or args.model, device=args.device, dtype=args.dtype, max_pixels=args.max_pixels,
+        quantize=args.quantize,
+    )  # fmt: skip
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -237,12 +261,26 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         progress=not args.no_progress,
         chunk_size=args.chunk_size,
+        workers=args.workers,
+        faiss=args.faiss,
+        faiss_min_size=args.faiss_min_size,
     )
     skipped = ", ".join(f"{k} {v}" for k, v in report.skipped.items()) or "none"
     resumed = f" ({report.resumed_chunks} chunks resumed)" if report.resumed_chunks else ""
     print(f"indexed {report.count} images into {report.out}{resumed}; skipped: {skipped}")
     for name, reason in list(report.bad_files.items())[:10]:
         print(f"  skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_index_export(args: argparse.Namespace) -> int:
+    from dlip.inference.ann import export_clip_retrieval
+    from dlip.inference.index import ImageIndex
+
+    written = export_clip_retrieval(ImageIndex.load(args.index), args.out)
+    faiss = written["faiss"] or "none (faiss not installed: `clip-retrieval index` builds it)"
+    print(f"wrote {written['embeddings']} embeddings (dim {written['dim']}) + metadata to "
+          f"{args.out}; image.index: {faiss}")  # fmt: skip
     return 0
 
 
@@ -274,7 +312,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(
         args.model, index=args.index, host=args.host, port=args.port, device=args.device,
         dtype=args.dtype, max_upload_mb=args.max_upload_mb, log_level=args.log_level,
-        answers=args.answers,
+        answers=args.answers, quantize=args.quantize, max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
     )  # fmt: skip
     return 0
 

@@ -51,6 +51,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="--from hf: override the ViT LayerNorm eps (HF hub configs say 1e-5, BLIP used 1e-6)",
     )
+    p.add_argument(
+        "--results",
+        action="append",
+        default=[],
+        metavar="RESULTS_JSON",
+        help="--to hf: a `dlip eval` results.json whose metrics go into the model card "
+        "(repeat for several tasks)",
+    )
+    p.add_argument("--license", default="apache-2.0", help="--to hf: the model card's license id")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_convert)
 
@@ -130,14 +139,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.target == "hf":
+        from dlip.models.hf_files import read_results
         from dlip.models.io import load
 
         model = load(args.src)
+        results = [read_results(path) for path in args.results]  # fail before writing
+        from dlip.progress import bar
+
         forms = [args.form] if args.form else model_forms(model.config)
-        for form in forms:
+        for form in bar(forms, desc="export to transformers", unit="form"):
             dest = out if len(forms) == 1 else out / form
-            export_hf(model, dest, form)
-            print(f"wrote {HF_CLASSES[form]} to {dest}")
+            export_hf(model, dest, form, args.src, results, args.license)
+            print(f"wrote {HF_CLASSES[form]} + processor + model card to {dest}")
         return 0
     if args.source == "salesforce":
         model = convert_salesforce(args.src, args.arch, args.image_size)

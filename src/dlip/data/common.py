@@ -100,9 +100,11 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS)
     """Open a path or encoded bytes as an upright, fully decoded 8-bit RGB image
     (`dlip.images.decode_rgb`), or raise BadSample naming the reason."""
     if isinstance(source, (str, Path)):
+        from dlip.data.members import read_bytes
+
         path = Path(source)
         try:
-            data = path.read_bytes()
+            data = read_bytes(path)  # a file, or a member of a tar shard (SHARD.tar/NAME)
         except (FileNotFoundError, NotADirectoryError):
             raise BadSample("missing_file", str(path)) from None
         except IsADirectoryError:

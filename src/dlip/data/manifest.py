@@ -53,7 +53,9 @@ Row = dict[str, str]
 
 def write_rows(rows: Iterable[Row], out: str | Path, report: BuildReport) -> int:
     """Write rows as a jsonl manifest (atomically), counting kept rows per source."""
-    return write_manifest(report.track(rows), out)
+    from dlip.progress import bar
+
+    return write_manifest(report.track(bar(rows, desc=f"rows -> {out}", unit="row")), out)
 
 
 def default_extract_dir(manifest: str | Path) -> Path:
@@ -305,7 +307,10 @@ def merge_manifests(
             for row in checked_rows(path, skipped, notes):
                 yield row, bool(leak) and eval_key(row) in leak
 
-    keys = (None if leaked else dedupe_key(row) for row, leaked in rows(SkipCounts(), []))
+    from dlip.progress import bar
+
+    first = bar(rows(SkipCounts(), []), desc="dedupe: first pass", unit="row")
+    keys = (None if leaked else dedupe_key(row) for row, leaked in first)
     max_keys = dedupe_max_keys(dedupe_mib)
     found = repeated_positions(keys, max_keys=max_keys, tmp_dir=tmp_dir) if dedupe else ()
     repeats = map(int, found)  # numpy scalars compare slowly

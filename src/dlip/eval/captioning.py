@@ -254,9 +254,10 @@ def _local_captions(
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     pairs: list[tuple[str, str]] = []
     from dlip.precision import autocast
+    from dlip.progress import bar
 
     with torch.inference_mode(), autocast(device):  # the current precision (precision.using)
-        for batch in loader:
+        for batch in bar(loader, desc="captions", unit="batch"):
             pixels = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
             pairs.extend(zip(batch["image_id"], model.generate(pixels, **gen), strict=True))
     return pairs

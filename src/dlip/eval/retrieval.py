@@ -146,8 +146,10 @@ def image_features(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     token_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     feats, tokens = [], []
+    from dlip.progress import bar
+
     with torch.inference_mode(), _autocast(device):
-        for batch in loader:
+        for batch in bar(loader, desc="image features", unit="batch"):
             out = model.encode_image(batch["image"].to(device, non_blocking=True))
             feats.append(out.feat.float())  # (B, E)
             tokens.append(out.tokens.to(token_dtype))  # (B, N, Dv)
@@ -172,9 +174,11 @@ def text_features(
     model: BLIP, ids: Tensor, mask: Tensor, batch_size: int, device: torch.device
 ) -> Tensor:
     """Normalised unimodal ITC features (n, E) fp32 of the given ([CLS]-first) texts."""
+    from dlip.progress import bar
+
     feats = [torch.zeros(0, model.config.embed_dim, device=device)]
     with torch.inference_mode(), _autocast(device):
-        for start in range(0, ids.shape[0], batch_size):
+        for start in bar(range(0, ids.shape[0], batch_size), desc="text features", unit="batch"):
             b_ids, b_mask = _trim(ids[start : start + batch_size], mask[start : start + batch_size])
             feats.append(model.encode_text(b_ids.to(device), b_mask.to(device)).feat.float())
     return torch.cat(feats)
@@ -244,9 +248,12 @@ def itm_pair_scores(
     device = image_tokens.device
     order = torch.argsort(pairs_txt.cpu(), stable=True)
     pairs_img, pairs_txt = pairs_img.cpu()[order], pairs_txt.cpu()[order]
+    from dlip.progress import bar
+
     out = [torch.zeros(0, device=device)]
+    chunks = range(0, pairs_img.numel(), itm_batch)
     with torch.inference_mode(), _autocast(device):
-        for start in range(0, pairs_img.numel(), itm_batch):
+        for start in bar(chunks, desc=f"ITM re-rank ({pairs_img.numel()} pairs)", unit="batch"):
             img = pairs_img[start : start + itm_batch].to(device)
             txt = pairs_txt[start : start + itm_batch].to(text_ids.device)
             tokens = image_tokens[img]  # (B, N, Dv)

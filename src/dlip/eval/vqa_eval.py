@@ -83,8 +83,10 @@ def _local_answers(
     shard = Subset(dataset, list(shard_range(len(dataset))))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     out: list[tuple[int, str]] = []
+    from dlip.progress import bar
+
     with torch.inference_mode(), autocast(device):
-        for batch in loader:
+        for batch in bar(loader, desc="answers", unit="batch"):
             pixels = batch["image"].to(device, non_blocking=True)  # (B, 3, S, S)
             answers = model.answer(pixels, list(batch["question"]), **gen)
             out.extend(zip(batch["index"].tolist(), answers, strict=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class ImageIndex:
     paths: list[str]  # relative to `root` (absolute when root is "")
     features: Tensor  # (N, E) float32
     meta: dict[str, Any] = field(default_factory=dict)
+    ann: Any = None  # a FAISS index over `features` (DIR/image.index), searched when present
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,7 +62,19 @@ class ImageIndex:
                 f"{path}: features {tuple(features.shape)} vs {len(paths)} paths, "
                 f"embed_dim {meta['embed_dim']}"
             )
-        return cls(paths, features.float(), meta)
+        return cls(paths, features.float(), meta, _load_ann(path, len(paths)))
+
+    def topk(self, query: Tensor, k: int) -> tuple[list[float], list[int]]:
+        """Cosine scores and rows of the `k` images nearest the (E,) normalised `query`:
+        FAISS when the index has one, else exact (all N scored)."""
+        k = min(k, len(self))
+        if self.ann is not None:
+            from dlip.inference.ann import faiss_topk
+
+            return faiss_topk(self.ann, query, k)
+        sims = self.features @ query.float()  # (N,)
+        top = sims.topk(k)
+        return top.values.tolist(), top.indices.tolist()
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -87,6 +101,22 @@ class ImageIndex:
             )
 
 
+def _load_ann(path: Path, count: int) -> Any:
+    """DIR/image.index if there is one; without faiss installed the exact search stands in."""
+    from dlip.inference.ann import FAISS_FILE, read_faiss
+
+    if not (path / FAISS_FILE).is_file():
+        return None
+    try:
+        ann = read_faiss(path / FAISS_FILE)
+    except ImportError as err:
+        warnings.warn(f"{path / FAISS_FILE} not used, searching exactly: {err}", stacklevel=3)
+        return None
+    if ann.ntotal != count:
+        raise ValueError(f"{path / FAISS_FILE} holds {ann.ntotal} vectors, the index {count}")
+    return ann
+
+
 @dataclass
 class IndexReport:
     out: str
@@ -97,6 +127,7 @@ class IndexReport:
     chunks_total: int
     resumed_chunks: int  # chunks found complete from an earlier run
     refreshed: int = 0  # files of those chunks re-embedded: changed since (or no signature)
+    faiss: str | None = None  # the FAISS index written beside it (--faiss)
 
     @property
     def complete(self) -> bool:
@@ -113,10 +144,16 @@ def check_out_dir(out: str | Path) -> Path:
 
 
 def list_images(image_dir: str | Path) -> list[str]:
-    """Image files under `image_dir` (recursive, sorted), as posix paths relative to it."""
+    """Image files under `image_dir` (recursive, sorted), as posix paths relative to it; a
+    folder of tar shards (webdataset, img2dataset) lists each sample's image as SHARD.tar/NAME
+    (`dlip.data.members`)."""
+    from dlip.data.members import list_members
+
     root = Path(image_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"image directory not found: {root}")
+    if any(p.suffix == ".tar" and p.is_file() for p in root.iterdir()):
+        return list_members(root)
     return sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
@@ -129,32 +166,62 @@ Chunk = tuple[Tensor, list[str], dict[str, str], dict[str, Any]]  # feats, kept,
 
 def _signature(path: Path) -> list[int] | None:
     """What tells a file replaced in place from the one indexed: [size, mtime_ns]."""
+    from dlip.data.members import stat
+
     try:
-        st = path.stat()
+        st = stat(path)  # of the tar shard for a member: a rewritten shard is re-embedded
     except OSError:
         return None  # gone: its read fails and names the reason
     return [st.st_size, st.st_mtime_ns]
 
 
+class _Files(torch.utils.data.Dataset):
+    """(name, signature, pixels or None, reason or None) per file: read and transformed in
+    DataLoader workers, so decoding overlaps the model's forwards."""
+
+    def __init__(self, predictor: Predictor, root: Path, names: list[str]) -> None:
+        self.root, self.names = root, names
+        self.transform, self.max_pixels = predictor.transform, predictor.max_pixels
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> tuple[str, Any, Tensor | None, str | None]:
+        name = self.names[i]
+        # stat before reading: a file replaced meanwhile is then seen as changed next run
+        sig = _signature(self.root / name)
+        try:
+            return name, sig, self.transform(to_pil(self.root / name, self.max_pixels)), None
+        except BadImage as err:
+            return name, sig, None, err.reason
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
 def _embed_chunk(
-    predictor: Predictor, root: Path, names: list[str], batch_size: int, tick: Callable
-) -> Chunk:
+    predictor: Predictor, root: Path, names: list[str], batch_size: int, tick: Callable,
+    workers: int = 0,
+) -> Chunk:  # fmt: skip
     """Features of the readable files among `names`; the others are returned with a reason."""
+    from torch.utils.data import DataLoader
+
     feats = [torch.zeros(0, predictor.model.config.embed_dim)]
     kept: list[str] = []
     bad: dict[str, str] = {}
     sigs: dict[str, Any] = {}
-    for start in range(0, len(names), batch_size):
-        batch = names[start : start + batch_size]
+    files = _Files(predictor, root, names)
+    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
+    for batch in loader:
         pixels = []
-        for name in batch:
-            # stat before reading: a file replaced meanwhile is then seen as changed next run
-            sigs[name] = _signature(root / name)
-            try:
-                pixels.append(predictor.transform(to_pil(root / name, predictor.max_pixels)))
+        for name, sig, px, reason in batch:
+            sigs[name] = sig
+            if px is None:
+                bad[name] = reason
+            else:
+                pixels.append(px)
                 kept.append(name)
-            except BadImage as err:
-                bad[name] = err.reason
         if pixels:
             with predictor._run():
                 px = torch.stack(pixels).to(predictor.device, predictor.dtype)
@@ -267,6 +334,9 @@ def build_index(
     progress: bool = True,
     chunk_size: int = 1024,
     max_chunks: int | None = None,
+    workers: int = 0,
+    faiss: str = "auto",
+    faiss_min_size: int = 100_000,
 ) -> IndexReport:
     """Embed every image under `image_dir` into an ImageIndex at `out`, resumably.
 
@@ -280,11 +350,24 @@ def build_index(
     again, the others keep their features (`IndexReport.refreshed` counts them; index.json's
     "change_check" names what is compared). Chunks from before signatures were recorded are
     embedded again in full. Added or removed files change the listing: start over (resume=False).
+
+    `workers`: DataLoader processes that decode images. `faiss`: "on" writes DIR/image.index
+    (dlip.inference.ann) for any size, "auto" once there are `faiss_min_size` images and faiss
+    is installed, "off" never.
     """
     from tqdm import tqdm
 
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"batch_size and chunk_size must be >= 1 ({batch_size}, {chunk_size})")
+    from dlip.progress import shown
+
+    if batch_size < 1 or chunk_size < 1 or workers < 0:
+        raise ValueError(f"batch_size, chunk_size >= 1, workers >= 0 ({batch_size}, "
+                         f"{chunk_size}, {workers})")  # fmt: skip
+    if faiss not in ("auto", "on", "off"):
+        raise ValueError(f"faiss must be auto, on or off, got {faiss!r}")
+    if faiss == "on":
+        from dlip.inference.ann import faiss_module
+
+        faiss_module()  # not installed: an error now, not after the embedding
     check_out_dir(out)
     root, out = Path(image_dir).resolve(), Path(out)
     files = list_images(root)
@@ -296,11 +379,12 @@ def build_index(
         names = files[c * chunk_size : (c + 1) * chunk_size]
         chunk = out / CHUNK_DIR / f"{c:05d}.safetensors"
         refreshed += _refresh_chunk(predictor, root, chunk, names, batch_size)
-    bar = tqdm(total=len(files), initial=min(done * chunk_size, len(files)), disable=not progress)
+    start = min(done * chunk_size, len(files))
+    bar = tqdm(total=len(files), initial=start, disable=not (progress and shown()), unit="image")
     with bar:
         while done < total and (max_chunks is None or done - resumed < max_chunks):
             names = files[done * chunk_size : (done + 1) * chunk_size]
-            chunk = _embed_chunk(predictor, root, names, batch_size, bar.update)
+            chunk = _embed_chunk(predictor, root, names, batch_size, bar.update, workers)
             _write_chunk(out / CHUNK_DIR / f"{done:05d}.safetensors", *chunk)
             done += 1
             atomic_write_text(out / PROGRESS_JSON, json.dumps({**state, "done": done}, indent=1))
@@ -323,5 +407,24 @@ def build_index(
             "bad_files": bad,
             "change_check": "size+mtime_ns",  # a rebuild re-embeds files these changed for
         }
-        ImageIndex(paths, torch.cat(feats), meta).save(out)
-    return IndexReport(str(out), len(paths), skipped, bad, done, total, resumed, refreshed)
+        index = ImageIndex(paths, torch.cat(feats), meta)
+        index.save(out)
+        written = _write_ann(index, out, faiss, faiss_min_size)
+    else:
+        written = None
+    return IndexReport(str(out), len(paths), skipped, bad, done, total, resumed, refreshed, written)
+
+
+def _write_ann(index: ImageIndex, out: Path, faiss: str, min_size: int) -> str | None:
+    """DIR/image.index as `faiss` asks; a stale one of an earlier build is removed."""
+    from dlip.inference.ann import FAISS_FILE, build_faiss, faiss_module, write_faiss
+
+    (out / FAISS_FILE).unlink(missing_ok=True)
+    if faiss == "off" or (faiss == "auto" and len(index) < min_size):
+        return None
+    try:
+        faiss_module()
+    except ImportError as err:  # auto: the exact search serves, slower
+        print(f"note: {len(index)} images, no FAISS index written: {err}")
+        return None
+    return str(write_faiss(build_faiss(index.features), out / FAISS_FILE))

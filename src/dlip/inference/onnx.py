@@ -182,8 +182,10 @@ def export_onnx(
         raise ValueError(f"graphs {unknown} not available for this model; choose from {available}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from dlip.progress import bar
+
     entries = {}
-    for spec in (s for s in specs if s.name in wanted):
+    for spec in bar([s for s in specs if s.name in wanted], desc="export + check", unit="graph"):
         path = out / f"{spec.name}.onnx"
         graph_opset = export_graph(spec, path, opset)
         diffs = check_parity(spec, path, atol)

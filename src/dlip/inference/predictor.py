@@ -143,6 +143,7 @@ class Predictor:
         dtype: str | torch.dtype = "float32",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         spec: str | None = None,
+        quantize: str | None = None,
     ) -> None:
         from dlip.tokenizer import get_tokenizer
         from dlip.transforms import eval_transform
@@ -151,6 +152,11 @@ class Predictor:
         self.dtype = _resolve_dtype(dtype, self.device)
         self.fingerprint = model_fingerprint(model)  # before the dtype cast
         self.model = model.to(self.device, self.dtype).eval()
+        self.quantize = quantize
+        if quantize is not None:
+            from dlip.inference.quant import quantize_model
+
+            self.model = quantize_model(self.model, quantize, self.device, self.dtype)
         self.tokenizer = get_tokenizer()
         self.transform = eval_transform(model.config)
         self.max_pixels = max_pixels
@@ -164,8 +170,10 @@ class Predictor:
         device: str = "auto",
         dtype: str | torch.dtype = "float32",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        quantize: str | None = None,
     ) -> Predictor:
-        """A saved model directory (strict load) or a preset name (random weights, warns)."""
+        """A saved model directory (strict load) or a preset name (random weights, warns).
+        `quantize="int8"`: dynamic int8 linear layers on the CPU (dlip.inference.quant)."""
         from dlip.models.io import is_preset, resolve
 
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,7 +188,7 @@ class Predictor:
                 "(pass a saved model directory for real predictions)",
                 stacklevel=2,
             )
-        return cls(model, dev, dtype, max_pixels, spec)
+        return cls(model, dev, dtype, max_pixels, spec, quantize)
 
     # ----------------------------------------------------------------------------- helpers
     @contextmanager
@@ -209,7 +217,9 @@ class Predictor:
         items = _as_list(images, (str, os.PathLike, Image.Image, bytes))
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, len(items), batch_size):
+        from dlip.progress import bar
+
+        for start in bar(range(0, len(items), batch_size), desc="images", unit="batch"):
             yield self.pixels(items[start : start + batch_size], offset=start)
 
     def tokenize(self, texts: Sequence[str], first: int | None = None) -> tuple[Tensor, Tensor]:
@@ -368,10 +378,9 @@ class Predictor:
         index.check_model(self)
         if k < 1 or (rerank is not None and rerank < 1):
             raise ValueError(f"k and rerank must be >= 1 (got k={k}, rerank={rerank})")
-        sims = index.features @ self.embed_texts([query])[0]  # (N,)
         # k past the re-ranked head: hits that stand in for the files re-ranking must skip
-        top = sims.topk(min(k + (rerank or 0), len(index))).indices.tolist()
-        hits = [SearchHit(index.path(i), float(sims[i]), float(sims[i]), None) for i in top]
+        scores, rows = index.topk(self.embed_texts([query])[0], k + (rerank or 0))  # FAISS or all
+        hits = [SearchHit(index.path(i), s, s, None) for s, i in zip(scores, rows, strict=True)]
         if not rerank or not hits:
             return SearchResults(hits[:k])
         head, pixels, skipped = [], [], {}

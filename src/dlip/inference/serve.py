@@ -89,16 +89,25 @@ class UploadLimit:
 
 
 class Service:
-    """The app's state: one predictor (calls serialized by a lock), an optional image index,
+    """The app's state: one predictor (calls serialized by a lock; concurrent captions run as
+    micro-batches of up to `max_batch`, gathered for `batch_wait_ms`), an optional image index,
     an optional VQA answer list (rank mode)."""
 
     def __init__(
-        self, predictor: Any, index: Any | None = None, answers: list[str] | None = None
+        self,
+        predictor: Any,
+        index: Any | None = None,
+        answers: list[str] | None = None,
+        max_batch: int = 8,
+        batch_wait_ms: float = 5.0,
     ) -> None:
+        from dlip.inference.batching import MicroBatcher
+
         self.predictor = predictor
         self.index = index
         self.answers = answers
         self.lock = threading.Lock()
+        self.captioner = MicroBatcher(predictor.caption, max_batch, batch_wait_ms, self.lock)
         self.positions: dict[str, int] = {}
         if index is not None:
             for i in range(len(index.paths)):
@@ -130,8 +139,12 @@ class Service:
                            f"{', '.join(self.tasks())})")  # fmt: skip
 
     def caption(self, image: bytes) -> str:
+        """Decoded here, so a bad upload fails alone; captioned in a micro-batch."""
+        from dlip.inference.predictor import DEFAULT_MAX_PIXELS, to_pil
+
         self._require("caption")
-        return self.locked(lambda: self.predictor.caption(image)[0])
+        pil = to_pil(image, getattr(self.predictor, "max_pixels", DEFAULT_MAX_PIXELS))
+        return self.captioner(pil)
 
     def itm(self, image: bytes, text: str) -> float:
         self._require("itm")
@@ -214,8 +227,10 @@ class Service:
 
 def _signature(path: Path) -> tuple[int, int]:
     """(size, mtime_ns) of an index file, (-1, -1) when it is gone: a replaced file is re-made."""
+    from dlip.data.members import stat
+
     try:
-        st = path.stat()
+        st = stat(path)  # a tar shard's for its members
     except OSError:
         return (-1, -1)
     return (st.st_size, st.st_mtime_ns)
@@ -224,8 +239,10 @@ def _signature(path: Path) -> tuple[int, int]:
 def _make_thumbnail(path: Path, max_pixels: int) -> bytes:
     from PIL import Image
 
+    from dlip.data.members import read_bytes
+
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_bytes(path))) as im:  # a file or a tar shard's member
             if im.width * im.height > max_pixels:
                 raise ApiError(404, f"image {path.name} is too large to show")
             im.draft("RGB", (THUMB_SIZE, THUMB_SIZE))  # JPEG: decode at a reduced scale
@@ -334,12 +351,15 @@ def create_app(
     index: Any | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     answers: list[str] | None = None,
+    max_batch: int = 8,
+    batch_wait_ms: float = 5.0,
 ) -> Any:
-    """The FastAPI app serving `predictor` (and `index` for search, `answers` for VQA)."""
+    """The FastAPI app serving `predictor` (and `index` for search, `answers` for VQA);
+    concurrent captions run in micro-batches (`max_batch` 1: one at a time)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, Response
 
-    service = Service(predictor, index, answers)
+    service = Service(predictor, index, answers, max_batch, batch_wait_ms)
     app = FastAPI(title="dlip", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.max_upload_bytes = max_upload_bytes
@@ -353,6 +373,7 @@ def create_app(
     @app.get("/api/info")
     async def info() -> dict:
         config = getattr(predictor.model, "config", None)
+        sizes = list(service.captioner.sizes)
         return {
             "model": getattr(config, "name", None),
             "image_size": getattr(getattr(config, "vision", None), "image_size", None),
@@ -360,6 +381,13 @@ def create_app(
             "max_upload_bytes": max_upload_bytes,
             "tasks": service.tasks(),
             "vqa_answers": None if answers is None else len(answers),
+            "caption_batching": {
+                "max_batch": max_batch,
+                "wait_ms": batch_wait_ms,
+                "batches": len(sizes),
+                "largest": max(sizes, default=0),
+                "captions": sum(sizes),
+            },
         }
 
     @app.post("/api/caption")
@@ -407,6 +435,9 @@ def serve(
     port: int = 8000,
     device: str = "auto",
     dtype: str = "float32",
+    quantize: str | None = None,
+    max_batch: int = 8,
+    batch_wait_ms: float = 5.0,
     max_upload_mb: float = 20.0,
     log_level: str = "info",
     answers: str | None = None,
@@ -425,13 +456,15 @@ def serve(
         from dlip.eval.vqa_eval import read_answer_list
 
         answer_list = read_answer_list(answers)
-    predictor = Predictor.load(model, device=device, dtype=dtype)
+    predictor = Predictor.load(model, device=device, dtype=dtype, quantize=quantize)
     image_index = ImageIndex.load(index) if index else None
     if image_index is not None:
         image_index.check_model(predictor)  # fail at startup, not on the first search
     if answer_list is not None and not predictor.model.config.vqa:
         raise ValueError(f"--answers is for a VQA model; {model} is not one")
     limit = int(max_upload_mb * 1024 * 1024)
-    app = create_app(predictor, image_index, max_upload_bytes=limit, answers=answer_list)
+    if max_batch < 1 or batch_wait_ms < 0:
+        raise ValueError(f"--max-batch >= 1, --batch-wait-ms >= 0 ({max_batch}, {batch_wait_ms})")
+    app = create_app(predictor, image_index, limit, answer_list, max_batch, batch_wait_ms)
     print(f"dlip serve: http://{host}:{port}/ (model {model})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -107,7 +107,11 @@ class KDConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.weights) - set(KD_TERMS))
         if unknown:
-            raise ValueError(f"unknown KD term(s) {unknown}; terms are {list(KD_TERMS)}")
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], list(KD_TERMS), n=1)
+            hint = f" (did you mean loss.kd.weights.{close[0]}?)" if close else ""
+            raise ValueError(f"unknown KD term(s) {unknown}{hint}; terms are {list(KD_TERMS)}")
         for term, w in self.weights.items():
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
                 raise ValueError(f"KD weight {term}={w!r} must be a finite number >= 0")

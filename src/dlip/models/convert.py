@@ -255,9 +255,14 @@ def dlip_config_to_hf(config: ModelConfig, architecture: str) -> dict:
     """ModelConfig -> transformers BlipConfig kwargs (BLIP topology only)."""
     v, t = config.vision, config.text
     if t.fusion_layers != "all":
+        k, n = t.fusion_layers, t.num_layers
         raise CheckpointError(
-            f"{config.name}: HF BLIP has cross-attention in every text layer; "
-            f"fusion_layers={t.fusion_layers} cannot be exported"
+            f"{config.name}: fusion_layers={k} (text-only layers 0-{n - k - 1}, text features "
+            f"read after layer {n - k}, cross-attention in the last {k}) has no transformers "
+            f"BLIP equivalent, which cross-attends in all {n} layers and reads text features "
+            f"after the last: an export would lose the ITC text features and give {n - k} "
+            "layers untrained cross-attention. Run it with dlip (Predictor, `dlip serve`) or "
+            "export it with `dlip export onnx`, which keep this topology"
         )
     if config.vqa and t.hidden_size != v.width:
         raise CheckpointError(
@@ -309,9 +314,20 @@ HF_CLASSES = {
 }
 
 
-def export_hf(model: BLIP, out: str | Path, form: str) -> Path:
-    """Write `model` as a transformers BLIP directory (`form`: retrieval | captioning | vqa)."""
+def export_hf(
+    model: BLIP,
+    out: str | Path,
+    form: str,
+    source: str = "",
+    results: list[dict] | None = None,
+    license_id: str = "apache-2.0",
+) -> Path:
+    """Write `model` as a transformers BLIP directory (`form`: retrieval | captioning | vqa):
+    weights + config, the processor, a generation config (generating forms) and a model card
+    (README.md) that names `source` and shows `results` (records of `dlip eval`'s results.json)."""
     import transformers
+
+    from dlip.models import hf_files
 
     if form not in model_forms(model.config):
         raise CheckpointError(
@@ -341,6 +357,15 @@ def export_hf(model: BLIP, out: str | Path, form: str) -> Path:
         raise CheckpointError(f"dlip tensors with no place in {cls_name}: {unexported}")
     out = Path(out)
     hf.save_pretrained(str(out))
+    hf_files.write_processor(model.config, out)
+    if form != "retrieval":
+        hf_files.write_generation_config(form, out)
+    params = sum(p.numel() for _, p in _form_params(model, form))
+    temp = float(model.temp.detach()) if form == "retrieval" else None  # ITC: retrieval only
+    card = hf_files.model_card(
+        model.config, form, cls_name, params, temp, source, results or [], license_id
+    )
+    (out / "README.md").write_text(card)
     return out
 
 

@@ -125,8 +125,8 @@ def caption_flops(
 
     Beam search is data-dependent (top-k, stopping), which the meta device cannot run, so the
     count is composed from the decoder calls `dlip.models.generation.beam_search` makes when no
-    beam stops early: the prompt step at batch `num_beams` (each beam holds a copy of the
-    image's tokens, so the cross-attention keys/values are projected `num_beams` times), then
+    beam stops early: the prompt step at batch `num_beams` over the one image (its
+    cross-attention keys/values projected once and shared by the beams), then
     one KV-cached step per further token at batch `num_beams`, the self-attention cache holding
     prompt_len, ..., caption_len - 2 tokens; the LM head runs on the last position of each call.
     A cached step's FLOPs are affine in the cache length (only the self-attention scores and
@@ -143,7 +143,7 @@ def caption_flops(
             f"caption_len {caption_len} leaves under two tokens after a {prompt_len}-token prompt"
         )
     dev = image_tokens.device
-    image = image_tokens[:1].detach().expand(num_beams, -1, -1)  # (K, N, Dv)
+    image = image_tokens[:1].detach()  # (1, N, Dv): shared by the K beams
     ids = torch.full((num_beams, prompt_len), 1037, dtype=torch.long, device=dev)  # (K, L0)
     cache = KVCache.empty(cfg.text.num_layers)
 

@@ -203,15 +203,21 @@ def beam_search(
     length_penalty: float = 1.0,
     beam_scoring: str = "blip",
     source_mask: Tensor | None = None,  # (B, N) cross-attention mask (VQA question padding)
+    share_image_kv: bool = True,
 ) -> list[list[int]]:
     """Best finished id row per item: prompt + generated (+ EOS when it ended by EOS).
     `beam_scoring` is "blip" (transformers 4.15, as BLIP ran it) or "hf" (transformers 5.x);
-    the module docstring gives both rules."""
+    the module docstring gives both rules. `share_image_kv`: an item's cross-attention keys /
+    values are projected once for its K beams (False: once per beam, as BLIP and transformers
+    do by repeating the image; the same ids, K times the projection work)."""
     check_beam_scoring(beam_scoring)
     b, l0 = prompt.shape
     k, dev = num_beams, prompt.device
-    mask = None if source_mask is None else source_mask.repeat_interleave(k, dim=0)
-    dec = _Decoder(model, image_tokens.repeat_interleave(k, dim=0), mask)
+    # one image (and source mask) per item: its cross-attention keys / values are projected
+    # once and shared by its K beams (text.Attention._grouped), not once per beam
+    reps = 1 if share_image_kv else k
+    mask = None if source_mask is None else source_mask.repeat_interleave(reps, dim=0)
+    dec = _Decoder(model, image_tokens.repeat_interleave(reps, dim=0), mask)
     run_seq = prompt.repeat_interleave(k, dim=0).view(b, k, l0)  # (B, K, L)
     run_score = torch.zeros(b, k, device=dev)
     run_score[:, 1:] = NEG  # all beams start identical: only the first may expand

@@ -124,16 +124,44 @@ class Attention(nn.Module):
             k, v = self.project_kv(x if source is None else source)
             if past is not None:  # self-attention over cached tokens + new ones
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        p = self.attn_dropout if self.training else 0.0
-        if need_probs:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, Tk)
-            probs = (scores if mask is None else scores + mask).softmax(dim=-1)
-            ctx = F.dropout(probs, p, self.training) @ v
+        group = q.shape[0] // k.shape[0]  # > 1: g query rows per source row (beams, shared)
+        if group > 1:
+            ctx, probs = self._grouped(q, k, v, mask, group, need_probs)
         else:
-            probs = None
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            ctx, probs = self._attend(q, k, v, mask, need_probs)
         ctx = ctx.transpose(1, 2).flatten(2)  # (B, T, D)
         return self.output(ctx, x), probs, (k, v)
+
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, need_probs: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, H, T, d) context, and the (B, H, T, Tk) probabilities when asked."""
+        p = self.attn_dropout if self.training else 0.0
+        if not need_probs:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, Tk)
+        probs = (scores if mask is None else scores + mask).softmax(dim=-1)
+        return F.dropout(probs, p, self.training) @ v, probs
+
+    def _grouped(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, g: int, need_probs: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Cross-attention of B*g query rows (row b*g + j: the j-th beam of source b) to B
+        sources whose keys / values were projected once per source, not once per beam: the g
+        rows' queries are folded into one longer query of their source (exact: the queries of
+        one row never see each other in cross-attention)."""
+        b, h, t, d = k.shape[0], q.shape[1], q.shape[2], q.shape[3]
+        if q.shape[0] != b * g:
+            raise ValueError(f"{q.shape[0]} query rows for {b} sources: not a multiple")
+        folded = q.view(b, g, h, t, d).transpose(1, 2).reshape(b, h, g * t, d)
+        if mask is not None and mask.shape[0] == b * g:
+            mask = mask[::g]  # one source mask per group (the beams of a source share it)
+        ctx, probs = self._attend(folded, k, v, mask, need_probs)
+
+        def unfold(x: Tensor) -> Tensor:  # (B, H, g*T, X) -> (B*g, H, T, X)
+            return x.view(b, h, g, t, -1).transpose(1, 2).reshape(b * g, h, t, x.shape[-1])
+
+        return unfold(ctx), None if probs is None else unfold(probs)
 
 
 class Intermediate(nn.Module):

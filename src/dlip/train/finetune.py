@@ -37,6 +37,8 @@ from dlip.train.config import FinetuneConfig
 from dlip.train.loop import Job, run
 from dlip.train.task import PretrainTask, load_student, start_adapters
 
+VAL_SAMPLES = 3  # captions logged at each caption validation
+
 # KD terms of the other task are config errors (image terms serve both).
 _FOREIGN_TERMS = {"retrieval": terms_of("decoder"), "caption": terms_of("text", "fusion")}
 
@@ -134,7 +136,7 @@ def validate_fn(cfg: FinetuneConfig):
     at the run's precision."""
     eval_set: dict[str, EvalSet | None] = {}
 
-    def validate(task: PretrainTask, epoch: int) -> dict[str, float] | None:
+    def validate(task: PretrainTask, epoch: int) -> dict[str, Any] | None:
         if "val" not in eval_set:
             eval_set["val"] = load_split(cfg, "val")
         split = eval_set["val"]
@@ -147,8 +149,9 @@ def validate_fn(cfg: FinetuneConfig):
     return validate
 
 
-def evaluate(cfg: FinetuneConfig, model: BLIP, split: EvalSet) -> dict[str, float]:
-    """The protocol's metrics and the selection `score` (r_mean; CIDEr + Bleu_4)."""
+def evaluate(cfg: FinetuneConfig, model: BLIP, split: EvalSet) -> dict[str, Any]:
+    """The protocol's metrics and the selection `score` (r_mean; CIDEr + Bleu_4); captioning
+    adds `samples`, the first VAL_SAMPLES captions with a reference each."""
     e = cfg.eval
     device = next(model.parameters()).device
     if cfg.task == "retrieval":
@@ -160,7 +163,7 @@ def evaluate(cfg: FinetuneConfig, model: BLIP, split: EvalSet) -> dict[str, floa
         )  # fmt: skip
         metrics = dict(out["metrics"]) | {f"itc_{k}": v for k, v in out["metrics_itc"].items()}
         return metrics | {"score": metrics["r_mean"]}
-    from dlip.eval.captioning import evaluate_captions
+    from dlip.eval.captioning import evaluate_captions, references_of
 
     out = evaluate_captions(
         model, split, prompt=e.prompt, num_beams=e.num_beams, max_length=e.max_length,
@@ -170,7 +173,12 @@ def evaluate(cfg: FinetuneConfig, model: BLIP, split: EvalSet) -> dict[str, floa
     metrics = dict(out.get("metrics") or {})
     if not metrics:  # ranks other than 0 get no metrics
         return {"score": 0.0}
-    return metrics | {"score": metrics["CIDEr"] + metrics["Bleu_4"]}
+    refs = references_of(split)
+    samples = [  # the loop logs these beside the metrics (train.log, tensorboard, wandb)
+        {"image": i, "caption": c, "reference": refs[i][0]}
+        for i, c in list(out["predictions"].items())[:VAL_SAMPLES]
+    ]
+    return metrics | {"score": metrics["CIDEr"] + metrics["Bleu_4"], "samples": samples}
 
 
 def test_best(cfg: FinetuneConfig, run_dir: Path) -> Path | None:
@@ -203,7 +211,9 @@ def test_best(cfg: FinetuneConfig, run_dir: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------ the run
-def load_config(task: str, path: str | None, overrides: Sequence[str]) -> FinetuneConfig:
+def load_config(
+    task: str, path: str | None, overrides: Sequence[str], validate: bool = True
+) -> FinetuneConfig:
     """The run config; the yaml's `task` (if any) must be the command's."""
     from dlip.config import ConfigError
     from dlip.train.config import load
@@ -211,7 +221,7 @@ def load_config(task: str, path: str | None, overrides: Sequence[str]) -> Finetu
     cfg = load(path, overrides, validate=False, cls=FinetuneConfig)
     if path is not None and cfg.task != task and _yaml_sets_task(path):
         raise ConfigError(f"{path} is a {cfg.task} config; `dlip finetune {task}` cannot run it")
-    return load(path, [*overrides, f"task={task}"], cls=FinetuneConfig)
+    return load(path, [*overrides, f"task={task}"], validate=validate, cls=FinetuneConfig)
 
 
 def _yaml_sets_task(path: str) -> bool:

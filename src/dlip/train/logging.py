@@ -5,7 +5,8 @@ cross-rank reduction of loss terms.
 own key, `lr`, `samples_per_s`, `epoch`, and `time`, the wall clock in seconds since the epoch),
 flushed at every write. A resumed run truncates the file to the lines with `step <=` the
 resumed step, so the file never holds a step twice and reads as one uninterrupted run.
-Only rank 0 writes; tensorboard is used when `torch.utils.tensorboard` imports.
+Only rank 0 writes. The same records go to the loggers of `run.report_to` (tensorboard, wandb:
+`dlip.train.reporters`) and, as one line each, to run_dir/train.log when a console copy runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,12 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
 
 
 class MetricsLogger:
-    """Append one JSON line per `log(step, metrics)` to `run_dir/metrics.jsonl`.
+    """Append one JSON line per `log(step, metrics)` to `run_dir/metrics.jsonl` and pass the
+    record to the `report_to` loggers (and a line to `console`'s train.log).
 
     `resume_step=None` starts a new file (a fresh run); `resume_step=N` keeps the lines of
     steps <= N and appends after them. Disabled (every call a no-op) off rank 0 by default.
+    `run_id` and `config` name the wandb run and hold its config.
     """
 
     def __init__(
@@ -65,28 +68,32 @@ class MetricsLogger:
         run_dir: str | Path,
         enabled: bool | None = None,
         resume_step: int | None = None,
-        tensorboard: bool = True,
+        report_to: Sequence[str] = ("jsonl",),
+        run_id: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        wandb_project: str = "dlip",
+        console: Any = None,
     ) -> None:
+        from dlip.train.reporters import TensorboardReporter, WandbReporter, check_report_to
+
         self.enabled = is_main_process() if enabled is None else enabled
         self.path = Path(run_dir) / METRICS_FILE
         self._file = None
-        self.writer = None
+        self.reporters: list[Any] = []
+        self.console = console
         if not self.enabled:
             return
+        check_report_to(report_to)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
         else:
             truncate_metrics(self.path, resume_step)
         self._file = self.path.open("a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: jsonl only
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                purge = None if resume_step is None else resume_step + 1
-                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+        if "tensorboard" in report_to:
+            self.reporters.append(TensorboardReporter(Path(run_dir), resume_step))
+        if "wandb" in report_to:
+            self.reporters.append(WandbReporter(Path(run_dir), run_id, wandb_project, config or {}))
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any] | None:
         """Write `{"step": step, **metrics, "time": now}`; tensors become Python numbers."""
@@ -96,25 +103,44 @@ class MetricsLogger:
         record.setdefault("time", time.time())
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, int | float):
-                    self.writer.add_scalar(key, value, int(step))
+        for reporter in self.reporters:
+            reporter.log(int(step), record)
+        if self.console is not None:
+            from dlip.progress import shown
+
+            if shown():  # the bar is on the terminal: the line goes to train.log only
+                self.console.line(console_line(record))
+            else:  # no bar (a log file, a pipe): the console gets it, train.log by the copy
+                print(console_line(record), flush=True)
         return record
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for reporter in self.reporters:
+            reporter.close()
+        self.reporters = []
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def console_line(record: Mapping[str, Any]) -> str:
+    """One metrics record as train.log's line: `step 50 | loss 3.21 | lr 0.0001 | ...`, and
+    the sample captions below it."""
+    cells = [f"step {record['step']}"]
+    for key, value in record.items():
+        if key in ("step", "time", "val_samples"):
+            continue
+        cells.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    lines = [" | ".join(cells)]
+    for s in record.get("val_samples") or []:
+        lines.append(f"  {s['image']}: {s['caption']!r} (reference: {s['reference']!r})")
+    return "\n".join(lines)
 
 
 class Throughput:
@@ -171,11 +197,13 @@ def format_eta(seconds: float) -> str:
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool | None = None, desc: str = "train"):
-    """A tqdm bar over optimizer steps, disabled off rank 0; update its postfix with
-    `bar.set_postfix(progress_postfix(loss, throughput, remaining_steps))`."""
+    """A tqdm bar over optimizer steps, drawn where `dlip.progress.shown()` (rank 0, stderr a
+    terminal); update its postfix with `bar.set_postfix(progress_postfix(...))`."""
     from tqdm.auto import tqdm
 
-    enabled = is_main_process() if enabled is None else enabled
+    from dlip.progress import shown
+
+    enabled = shown() if enabled is None else enabled
     return tqdm(
         total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
         disable=not enabled,

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from dlip.config import to_plain
 from dlip.data.common import SkipCounts
 from dlip.data.loader import batch_size_of
 from dlip.distributed import (
@@ -70,6 +71,7 @@ from dlip.train.logging import (
     skip_totals,
 )
 from dlip.train.optim import build_optimizer, lr_at, set_lr
+from dlip.train.reporters import ConsoleCopy
 from dlip.train.rundir import (
     TEACHER_FILE,
     RunDirError,
@@ -221,7 +223,7 @@ class Job:
 
     build_task: Callable[[Any, BLIP | None], PretrainTask]
     build_loader: Callable[[Any, Any], DataLoader]
-    validate: Callable[[PretrainTask, int], dict[str, float] | None] | None = None
+    validate: Callable[[PretrainTask, int], dict[str, Any] | None] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -297,21 +299,36 @@ def _run_locked(r: Run, mode: str | None) -> Path:
         write_json(r.run_dir / TEACHER_FILE, r.teacher_id)
     if is_dist():  # only the task (student + adapters) is wrapped; the teacher never is
         r.model = wrap_ddp(r.task, r.device)
-    logger = MetricsLogger(r.run_dir, resume_step=r.step if mode else None)
-    if rng is not None:  # last, after everything that draws random numbers was built
-        restore_rng(rng_of_rank(rng, get_rank(), get_world_size()))
-    try:
-        train_epochs(r, logger)
-    finally:
-        logger.close()
-    skipped = SkipCounts(skip_totals(r.skips, r.device))  # every rank: a collective
-    if is_main_process():
-        print(f"samples {skipped.summary()} over the run (by reason)", flush=True)
+    with console_copy(r.run_dir, resume=bool(mode)) as console:
+        logger = MetricsLogger(
+            r.run_dir, resume_step=r.step if mode else None, report_to=cfg.run.report_to,
+            run_id=r.run_id, config=to_plain(cfg), wandb_project=cfg.run.wandb_project,
+            console=console,
+        )  # fmt: skip
+        if rng is not None:  # last, after everything that draws random numbers was built
+            restore_rng(rng_of_rank(rng, get_rank(), get_world_size()))
+        try:
+            train_epochs(r, logger)
+        finally:
+            logger.close()
+        skipped = SkipCounts(skip_totals(r.skips, r.device))  # every rank: a collective
+        if is_main_process():
+            print(f"samples {skipped.summary()} over the run (by reason)", flush=True)
     final = r.run_dir / "final"
     if is_main_process():
         save_student(r.task, final)
     barrier()
     return final
+
+
+@contextlib.contextmanager
+def console_copy(run_dir: Path, resume: bool) -> Iterator[ConsoleCopy | None]:
+    """run_dir/train.log: rank 0's console while it trains (other ranks: nothing)."""
+    if not is_main_process():
+        yield None
+        return
+    with ConsoleCopy(run_dir, resume) as console:
+        yield console
 
 
 def wrap_ddp(task: PretrainTask, device: torch.device) -> DDP:
@@ -453,8 +470,11 @@ def _validate(r: Run, epoch: int, logger: MetricsLogger) -> None:
     best = r.best
     best["validated_step"] = r.step
     if is_main_process() and metrics is not None:
+        metrics = dict(metrics)
+        samples = metrics.pop("samples", None)  # a few captions: logged, not kept in best.json
         score = float(metrics["score"])
-        logger.log(r.step, {f"val_{k}": v for k, v in metrics.items()} | {"epoch": epoch})
+        shown = {"val_samples": samples} if samples else {}
+        logger.log(r.step, {f"val_{k}": v for k, v in metrics.items()} | {"epoch": epoch} | shown)
         if best["score"] is None or score > best["score"]:
             best.update(score=score, step=r.step, epoch=epoch, metrics=dict(metrics))
             save_student(r.task, r.run_dir / "best")

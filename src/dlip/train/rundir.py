@@ -31,11 +31,11 @@ from dlip.config import RESOLVED_NAME, to_plain
 TEACHER_FILE = "teacher.json"
 # What a run writes into its run_dir (removed by run.overwrite=true, nothing else is).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "final", "best", "best.json", TEACHER_FILE,
-             RESOLVED_NAME, "tensorboard", "test")  # fmt: skip
+             RESOLVED_NAME, "tensorboard", "wandb", "train.log", "test")  # fmt: skip
 # Keys a resume may change: logging, checkpoint cadence, loader workers, evaluation batching.
 RESUME_MUTABLE = frozenset({
     "run.log_every", "run.ckpt_every", "run.keep_last", "run.overwrite", "data.num_workers",
-    "eval.batch_size", "eval.itm_batch",
+    "eval.batch_size", "eval.itm_batch", "run.report_to", "run.wandb_project",
 })  # fmt: skip
 # Keys that set the run's length: free to change unless the lr schedule depends on it.
 RUN_LENGTH = frozenset({"run.max_steps", "run.epochs"})

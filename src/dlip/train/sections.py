@@ -115,7 +115,7 @@ class DataSection:
     synth_dir: str | None = None
     synth_images: int = 1000  # images `synth_dir` is built with
     batch_size: int = 75  # per process; BLIP's 75 per GPU
-    num_workers: int = 4
+    num_workers: int = 4  # DataLoader worker processes per rank (decoding, augmentation)
     max_words: int = 30  # pre_caption word limit
     max_length: int = 30  # tokens (BLIP pretrains at 30; the model's max_text_length is for eval)
     min_scale: float = 0.2  # RandomResizedCrop scale lower bound (0.2 pretrain, 0.5 finetune)
@@ -151,7 +151,7 @@ class LossSection:
     vqa: float = 1.0  # loss_vqa (VQA finetuning: BLIP's weighted answer loss)
     itm_all_ranks: bool = False  # hard negatives from all ranks (BLIP: retrieval on, pretrain off)
     momentum_distill: bool = True  # BLIP's momentum encoder + feature queue + soft ITC targets
-    queue_size: int = 57600
+    queue_size: int = 57600  # momentum-feature queue length (BLIP's 57600)
     alpha: float = 0.4  # soft-target share of the momentum-distilled ITC targets
     # epochs over which alpha ramps up from 0: BLIP's pretraining 2 (pretrain.py), its
     # retrieval finetuning 1 (train_retrieval.py); FinetuneConfig's default is 1
@@ -188,13 +188,13 @@ class OptimSection:
     min_lr: float = 1e-6  # floor of both schedules
     warmup_lr: float = 1e-6  # linear warmup starts here
     warmup_steps: int = 3000  # optimizer steps
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # AdamW's, BLIP's 0.05
     # "cosine": lr -> min_lr over the run; "cosine_epoch": BLIP finetuning's cosine by epoch;
     # "step": BLIP's max(min_lr, lr * decay_rate**epoch)
     schedule: Literal["cosine", "cosine_epoch", "step"] = "step"
     decay_rate: float = 0.9  # "step" only
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (beta1, beta2)
+    eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float | None = None  # max global grad norm; None = off (BLIP does not clip)
     # Micro-batches per optimizer step. Contrastive negatives and ITM hard negatives stay
     # those of one micro-batch: accumulation grows the batch for the gradient, not for ITC.
@@ -219,7 +219,7 @@ class OptimSection:
 class RunSection:
     """Where the run writes, how long it runs, and how it logs and checkpoints."""
 
-    run_dir: str = "runs/pretrain"
+    run_dir: str = "runs/pretrain"  # checkpoints, metrics.jsonl, final/ (`run_dir=` for short)
     max_steps: int | None = None  # optimizer steps; None = `epochs` full epochs
     epochs: int = 20  # BLIP max_epoch; also the "step" schedule's epoch count
     log_every: int = 50  # optimizer steps between metrics.jsonl rows
@@ -232,9 +232,18 @@ class RunSection:
     compile: bool = False  # torch.compile the student (opt-in)
     overwrite: bool = False  # a fresh run may replace another run's files in run_dir
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    # where metrics go: jsonl (metrics.jsonl, always), tensorboard, wandb (WANDB_MODE=offline
+    # writes run_dir/wandb without a network); console output is copied to run_dir/train.log
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    wandb_project: str = "dlip"  # the wandb project of report_to: [wandb]
 
     def __post_init__(self) -> None:
         check_types(self, "run")
+        from dlip.train.reporters import REPORTERS, check_report_to
+
+        for name in self.report_to:
+            require(name in REPORTERS, "run.report_to", self.report_to, f"names from {REPORTERS}")
+        check_report_to(self.report_to)
         if self.max_steps is not None:
             require(self.max_steps >= 1, "run.max_steps", self.max_steps, ">= 1 or null")
         for name in ("epochs", "log_every", "ckpt_every", "keep_last"):
@@ -291,7 +300,7 @@ class FinetuneDataSection:
     synth_images: int = 1000
     image_size_synth: int | None = None  # render size; None = the model's
     batch_size: int = 32  # per process (BLIP's retrieval and caption recipes)
-    num_workers: int = 4
+    num_workers: int = 4  # DataLoader worker processes per rank (decoding, augmentation)
     max_words: int = 30  # pre_caption word limit
     max_length: int = 35  # tokens (BLIP's retrieval text length; captions are shorter)
     min_scale: float = 0.5  # RandomResizedCrop lower bound in finetuning
