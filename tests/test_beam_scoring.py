@@ -31,13 +31,9 @@ class _TableDecoder:
 
     def __init__(self, table: Table) -> None:
         self.table, self.seqs = table, []
-        outer = self
 
-        class _Cache:
-            def reorder(self, rows: torch.Tensor, cross: bool) -> None:
-                outer.seqs = [list(outer.seqs[i]) for i in rows.tolist()]
-
-        self.cache = _Cache()
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.seqs = [list(self.seqs[i]) for i in rows.tolist()]
 
     def step(self, ids: torch.Tensor, total_len: int) -> torch.Tensor:
         if not self.seqs:

@@ -66,3 +66,41 @@ def test_grouped_cross_attention_equals_per_row(tiny):
     torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=0)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     assert probs[3:, :, :, 6:].abs().max() == 0  # the second source's padding is masked
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fusion", ["all", 1])
+def test_itm_rerank_shares_image_kv_with_the_same_scores(perturbed_tiny, fusion):
+    """BLIP's re-rank scores each image with its k candidate texts: with the image's
+    cross-attention K/V projected once (grouped runs and gathered rows, chunks of 7 pairs
+    cutting across images) the logits equal projecting it per pair."""
+    import dataclasses
+
+    from dlip.eval.retrieval import itm_pair_scores
+
+    model = perturbed_tiny(0.2)
+    if fusion != "all":  # DLIP's topology: text-only layers, then one fused layer
+        text = dataclasses.replace(model.config.text, fusion_layers=fusion)
+        cfg = dataclasses.replace(model.config, text=text)
+        torch.manual_seed(0)
+        model = type(model)(cfg).eval()
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    g = torch.Generator().manual_seed(5)
+    image = model.encode_image(torch.randn(4, 3, 32, 32, generator=g)).tokens  # (4, N, Dv)
+    ids = torch.randint(1000, 2000, (6, 9), generator=g)
+    ids[:, 0] = get_tokenizer().enc_token_id
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    # i2t: each image with 3 texts; t2i: texts with images in no regular pattern
+    pairs_img = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 2, 0, 3, 1, 1, 0])
+    pairs_txt = torch.tensor([0, 1, 2, 3, 4, 5, 1, 0, 5, 2, 4, 3, 0, 5, 5, 0, 2, 4])
+    args = (model, image, ids, mask, pairs_img, pairs_txt)
+    shared = itm_pair_scores(*args, itm_batch=7)
+    per_pair = itm_pair_scores(*args, itm_batch=7, share_image_kv=False)
+    direct = model.itm_logits(image[pairs_img], ids[pairs_txt], mask[pairs_txt])[:, 1]
+    assert torch.allclose(shared, per_pair, atol=1e-5)
+    assert torch.allclose(shared, direct, atol=1e-5)
+    assert shared.std() > 0.01  # the pairs score differently
+    grouped = model.itm_logits(image[:2], ids[:6], mask[:6], image_index=pairs_img[:6])
+    assert torch.allclose(grouped[:, 1], direct[:6], atol=1e-5)  # the folded-query path

@@ -30,7 +30,10 @@ EXAMPLES: dict[str, list[str]] = {
         "dlip finetune caption --config configs/finetune/caption_coco.yaml "
         "run.report_to=[jsonl,wandb]",
     ],
-    "caption": ["dlip caption photo.jpg more/*.jpg --model runs/caption/best --json"],
+    "caption": [
+        "dlip caption photo.jpg more/*.jpg --model runs/caption/best --json",
+        "dlip caption photo.jpg --model onnx_int8/",
+    ],
     "embed": ["dlip embed photos/*.jpg --text 'a dog on a beach' --model DIR --out feats.npz"],
     "itm": ["dlip itm photo.jpg 'a cat on a blanket' --model runs/retrieval/best"],
     "vqa": ["dlip vqa photo.jpg 'what color is the car?' --model runs/vqa/best"],
@@ -38,7 +41,10 @@ EXAMPLES: dict[str, list[str]] = {
     "index export": ["dlip index export index/ --to clip-retrieval --out clip_index/"],
     "search": ["dlip search index/ 'a dog on a beach' -k 10 --rerank 50"],
     "serve": ["dlip serve --model runs/retrieval/best --index index/ --port 8000"],
-    "export onnx": ["dlip export onnx runs/caption/best --out onnx/"],
+    "export onnx": [
+        "dlip export onnx runs/caption/best --out onnx/",
+        "dlip export onnx runs/caption/best --out onnx_int8/ --quantize int8",
+    ],
     "data build img2dataset": [
         "dlip data build img2dataset cc3m_wds/ --source cc3m --out cc3m.jsonl"
     ],

@@ -153,6 +153,10 @@ def _register_deploy(sub: argparse._SubParsersAction) -> None:
         "--atol", type=positive_number, default=1e-4, help="parity tolerance (max abs diff)"
     )
     q.add_argument("--graphs", default=None, help="comma list (default: all the model has)")
+    q.add_argument(
+        "--quantize", choices=["int8"], default=None,
+        help="int8 graphs in OUT (onnxruntime dynamic quantization), float32 ones in OUT/float32",
+    )  # fmt: skip
     q.set_defaults(func=cmd_export)
 
 
@@ -327,9 +331,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.image_size:
         model.set_image_size(args.image_size)
     graphs = args.graphs.split(",") if args.graphs else None
-    manifest = export_onnx(model, args.out, args.opset, args.atol, graphs, source=args.model)
+    out = Path(args.out)
+    fp32_dir = out / "float32" if args.quantize else out  # int8: the float graphs kept beside
+    manifest = export_onnx(model, fp32_dir, args.opset, args.atol, graphs, source=args.model)
     for name, entry in manifest["graphs"].items():
         diff = max(entry["parity_max_abs_diff"].values())
         print(f"{name:<14} {entry['file']:<20} parity max abs diff {diff:.2e}")
-    print(f"wrote {Path(args.out) / MANIFEST}")
+    if args.quantize:
+        from dlip.inference.onnx import quantize_onnx_dir
+
+        manifest = quantize_onnx_dir(fp32_dir, out)
+        for name, entry in manifest["graphs"].items():
+            err = max(entry["int8_rel_error"].values())
+            print(f"{name:<14} int8 relative error vs float32 {err:.2e}")
+    print(f"wrote {out / MANIFEST}")
     return 0

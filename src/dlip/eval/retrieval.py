@@ -211,22 +211,32 @@ def top_candidates(sims: Tensor, k: int) -> Candidates:
 
 
 def _itm_chunk(
-    model: BLIP, tokens: Tensor, text_ids: Tensor, text_mask: Tensor, txt: Tensor
-) -> Tensor:
-    """(B, 2) ITM logits of tokens[b] with text txt[b]. With `fusion_layers=k` the text-only
-    layers run once per distinct text of the chunk (they never see the image), then the k
-    fusion layers per pair; the same numbers as `itm_logits`, less work."""
-    device = tokens.device
+    model: BLIP, image_tokens: Tensor, img: Tensor, text_ids: Tensor, text_mask: Tensor,
+    txt: Tensor, share: bool,
+) -> Tensor:  # fmt: skip
+    """(B, 2) ITM logits of image_tokens[img[b]] with text txt[b]. With `share`, each distinct
+    image of the chunk has its cross-attention keys / values projected once (BLIP.image_kv).
+    With `fusion_layers=k` the text-only layers run once per distinct text of the chunk (they
+    never see the image), then the k fusion layers per pair. The same numbers as
+    `itm_logits` on the gathered pairs, less work."""
+    device = image_tokens.device
     ids, mask = _trim(text_ids[txt], text_mask[txt])
     ids, mask = ids.to(device), mask.to(device)
+    img = img.to(device)
+    if not isinstance(model, BLIP):  # ONNX Runtime (dlip.inference.ort): the itm graph
+        return model.itm_logits(image_tokens[img], ids, mask)
+    uniq, index = torch.unique(img, return_inverse=True)
+    if not share or uniq.numel() == img.numel():  # nothing shared: one image row per pair
+        uniq, index = img, None
+    tokens = image_tokens[uniq]  # (U, N, Dv) distinct images, or (B, N, Dv) per pair
     if model.config.text.fusion_layers == "all":
-        return model.itm_logits(tokens, ids, mask)
-    uniq, inverse = torch.unique(txt, return_inverse=True)
+        return model.itm_logits(tokens, ids, mask, image_index=index)
+    u_txt, inverse = torch.unique(txt, return_inverse=True)
     length = ids.shape[1]
-    u_ids, u_mask = text_ids[uniq, :length].to(device), text_mask[uniq, :length].to(device)
+    u_ids, u_mask = text_ids[u_txt, :length].to(device), text_mask[u_txt, :length].to(device)
     states = model.encode_text(u_ids, u_mask).tokens[inverse.to(device)]  # (B, T, H)
-    fused = model.multimodal(tokens, ids, mask, text_tokens=states).tokens  # (B, T, H)
-    return model.itm_head(fused[:, 0])
+    fused = model.multimodal(tokens, ids, mask, text_tokens=states, image_index=index).tokens
+    return model.itm_head(fused[:, 0])  # fused: (B, T, H)
 
 
 def itm_pair_scores(
@@ -237,29 +247,31 @@ def itm_pair_scores(
     pairs_img: Tensor,  # (P,) rows of image_tokens
     pairs_txt: Tensor,  # (P,) rows of text_ids
     itm_batch: int = 128,
+    share_image_kv: bool = True,
 ) -> Tensor:
-    """(P,) raw ITM positive logits of the pairs, fp32, `itm_batch` pairs per forward.
-
-    Pairs run grouped by text (a chunk then holds few distinct texts, see `_itm_chunk`); the
-    result is in the input order.
-    """
+    """(P,) raw ITM positive logits of the pairs (input order), fp32, `itm_batch` per forward.
+    Pairs run sorted by image (an image's k candidate texts share its cross-attention K/V
+    with `share_image_kv`), by text with `fusion_layers=k` (text-only layers once per text)."""
     if itm_batch < 1:
         raise ValueError(f"itm_batch must be >= 1, got {itm_batch}")
     device = image_tokens.device
-    order = torch.argsort(pairs_txt.cpu(), stable=True)
+    fused = not isinstance(model, BLIP) or model.config.text.fusion_layers == "all"
+    key = pairs_img.cpu() if fused else pairs_txt.cpu()
+    order = torch.argsort(key, stable=True)
     pairs_img, pairs_txt = pairs_img.cpu()[order], pairs_txt.cpu()[order]
     from dlip.progress import bar
 
     out = [torch.zeros(0, device=device)]
     chunks = range(0, pairs_img.numel(), itm_batch)
+    if device.type != "cuda":
+        image_tokens = image_tokens.float()
     with torch.inference_mode(), _autocast(device):
         for start in bar(chunks, desc=f"ITM re-rank ({pairs_img.numel()} pairs)", unit="batch"):
-            img = pairs_img[start : start + itm_batch].to(device)
+            img = pairs_img[start : start + itm_batch]
             txt = pairs_txt[start : start + itm_batch].to(text_ids.device)
-            tokens = image_tokens[img]  # (B, N, Dv)
-            if device.type != "cuda":
-                tokens = tokens.float()
-            logits = _itm_chunk(model, tokens, text_ids, text_mask, txt)  # (B, 2)
+            logits = _itm_chunk(
+                model, image_tokens, img, text_ids, text_mask, txt, share_image_kv
+            )  # (B, 2)
             out.append(logits[:, 1].float())
     scores = torch.cat(out)
     return torch.empty_like(scores).scatter_(0, order.to(device), scores)

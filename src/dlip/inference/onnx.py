@@ -26,6 +26,7 @@ fails the export with an `ExportParityError` naming the graph, output and differ
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -195,6 +196,122 @@ def export_onnx(
     return manifest
 
 
+def quantize_onnx_dir(src: str | Path, dst: str | Path, rtol: float = 0.1) -> dict[str, Any]:
+    """int8 copy of a float32 export: every MatMul / Gemm with a constant weight gets int8
+    weights (per output channel) and int8 activations quantized per call (onnxruntime's
+    `quantize_dynamic`, DynamicQuantizeLinear + MatMulInteger); embeddings, LayerNorms and
+    softmaxes stay float32. Each graph is re-run on the parity inputs against the float32
+    graph: a relative L2 error above `rtol` on any output fails (the differences are recorded
+    in the manifest, `int8_rel_error`). Returns dst's manifest."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src), Path(dst)
+    manifest = json.loads((src / MANIFEST).read_text())
+    if manifest.get("quantize"):
+        raise ValueError(f"{src}: already {manifest['quantize']}; quantize a float32 export")
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"quantize_onnx_dir: write to another directory than {src}")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, entry in manifest["graphs"].items():
+        prepared = dst / f".prep_{entry['file']}"
+        _fold_weight_transposes(src / entry["file"], prepared)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                prepared, dst / entry["file"], weight_type=QuantType.QInt8,
+                per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
+            )  # fmt: skip
+        for leftover in dst.glob(f"{prepared.name}*"):
+            leftover.unlink()
+        vocab = manifest["tokenizer"]["vocab_size"]
+        entry["int8_rel_error"] = _int8_error(
+            name, (src / entry["file"], dst / entry["file"]), vocab, rtol
+        )
+    manifest["quantize"] = "int8"
+    manifest["int8"] = {
+        "quantizer": "onnxruntime.quantization.quantize_dynamic",
+        "weights": "QInt8 per output channel",
+        "ops": ["MatMul", "Gemm"],
+        "rtol": rtol,
+    }
+    write_json(dst / MANIFEST, manifest)
+    return manifest
+
+
+def _fold_weight_transposes(path: Path, out: Path) -> int:
+    """Write `path` with every MatMul weight given as Transpose(initializer) replaced by a
+    transposed initializer; returns how many. The exporter emits the LM head that way (its
+    weight is tied to the word embeddings, which a Gather still reads), and the quantizer only
+    converts a MatMul whose weight is an initializer: the 30,524-way head would stay float32."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    folded = 0
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        src = producer.get(node.input[1])
+        if src is None or src.op_type != "Transpose" or src.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in src.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(inits[src.input[0]])
+        name = f"{src.input[0]}__transposed"
+        if name not in inits:
+            tensor = numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), name)
+            graph.initializer.append(tensor)
+            inits[name] = tensor
+        node.input[1] = name
+        folded += 1
+    large = sum(t.ByteSize() for t in graph.initializer) > 1_500_000_000
+    onnx.save(proto, str(out), save_as_external_data=large, location=f"{out.name}.data")
+    return folded
+
+
+def _random_feeds(session: Any, vocab: int, seed: int) -> dict[str, np.ndarray]:
+    """Random inputs for a graph from its declared inputs: batch 2, seq 5, past_seq 4; ids
+    in [1, vocab), masks all ones, float tensors standard normal."""
+    sizes = {"batch": 2, "seq": 5, "past_seq": 4, "question_seq": 6}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for arg in session.get_inputs():
+        # symbolic axes: "batch", "seq", "past_seq+seq", ...
+        shape = [d if isinstance(d, int) else sum(sizes[p] for p in d.split("+"))
+                 for d in arg.shape]  # fmt: skip
+        if arg.type == "tensor(int64)":
+            ids = "mask" not in arg.name
+            feeds[arg.name] = rng.integers(1, vocab, shape) if ids else np.ones(shape, np.int64)
+        else:
+            feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _int8_error(name: str, files: tuple[Path, Path], vocab: int, rtol: float) -> dict[str, float]:
+    """Relative L2 error ||int8 - fp32|| / ||fp32|| per output on random inputs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = [
+        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in files
+    ]
+    feeds = _random_feeds(sessions[0], vocab, seed=0)
+    ref, got = (s.run(None, feeds) for s in sessions)
+    names = [o.name for o in sessions[0].get_outputs()]
+    errors = {}
+    for out, a, b in zip(names, ref, got, strict=True):
+        err = float(np.linalg.norm(b - a) / max(float(np.linalg.norm(a)), 1e-12))
+        if not err <= rtol:
+            raise ExportParityError(
+                f"int8 ONNX graph {name!r} output {out!r}: relative error {err:.3g} > {rtol:g}"
+            )
+        errors[out] = err
+    return errors
+
+
 def _graph_entry(spec: GraphSpec, path: Path, diffs: dict[str, float]) -> dict[str, Any]:
     dtypes = {name: "int64" if name in INT_INPUTS else "float32" for name in spec.inputs}
     return {
@@ -225,11 +342,15 @@ def _manifest(
     import onnx
     import onnxruntime
 
+    from dlip.inference.predictor import model_fingerprint
+
     cfg = model.config
     t = cfg.text
     return {
         "format": "dlip-onnx/1",
         "source": source,
+        # the PyTorch model's weight hash: an index built with either backend serves the other
+        "fingerprint": model_fingerprint(model),
         "exporter": "torch.onnx.export(dynamo=True)",
         "opset": opset,
         "atol": atol,

@@ -33,6 +33,7 @@ from dlip.models.blip import BLIP
 
 if TYPE_CHECKING:
     from dlip.inference.index import ImageIndex
+    from dlip.inference.ort import OnnxBLIP
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | bytes
 DEFAULT_MAX_PIXELS = 64_000_000  # far above any photo, far below what exhausts memory
@@ -138,7 +139,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: BLIP,
+        model: BLIP | OnnxBLIP,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -150,9 +151,13 @@ class Predictor:
 
         self.device = torch.device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
-        self.fingerprint = model_fingerprint(model)  # before the dtype cast
-        self.model = model.to(self.device, self.dtype).eval()
         self.quantize = quantize
+        if not isinstance(model, BLIP):  # an ONNX Runtime model (dlip.inference.ort)
+            _check_onnx_use(model, self.device, self.dtype, quantize)
+            self.fingerprint, self.model = model.fingerprint, model
+        else:
+            self.fingerprint = model_fingerprint(model)  # before the dtype cast
+            self.model = model.to(self.device, self.dtype).eval()
         if quantize is not None:
             from dlip.inference.quant import quantize_model
 
@@ -172,10 +177,16 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         quantize: str | None = None,
     ) -> Predictor:
-        """A saved model directory (strict load) or a preset name (random weights, warns).
+        """A saved model directory (strict load), a `dlip export onnx` directory (run by ONNX
+        Runtime on the CPU, dlip.inference.ort) or a preset name (random weights, warns).
         `quantize="int8"`: dynamic int8 linear layers on the CPU (dlip.inference.quant)."""
+        from dlip.inference.ort import OnnxBLIP, is_onnx_dir
         from dlip.models.io import is_preset, resolve
 
+        if is_onnx_dir(path_or_preset):
+            dev = torch.device("cpu" if device == "auto" else device)
+            spec = str(Path(path_or_preset).resolve())
+            return cls(OnnxBLIP(path_or_preset), dev, dtype, max_pixels, spec, quantize)
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device != "auto":
             dev = torch.device(device)
@@ -400,6 +411,20 @@ class Predictor:
                     hit.itm, hit.score = logit, logit + hit.itc
         head.sort(key=lambda h: -h.score)
         return SearchResults((head + hits[rerank:])[:k], skipped)
+
+
+def _check_onnx_use(model: Any, device: torch.device, dtype: torch.dtype, quantize: str | None):
+    """An ONNX Runtime model runs float32 graphs on the CPU; int8 is chosen at export."""
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ValueError(
+            f"{model.directory}: the ONNX Runtime backend runs on the CPU in float32 "
+            f"(got device {device}, dtype {dtype})"
+        )
+    if quantize is not None:
+        raise ValueError(
+            f"{model.directory}: quantize={quantize!r} applies to PyTorch models; for ONNX "
+            "export with `dlip export onnx --quantize int8` (or quantize_onnx_dir)"
+        )
 
 
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -74,28 +74,58 @@ class BLIP(nn.Module):
         image_mask: Tensor | None = None,
         taps: TapsArg = None,
         text_tokens: Tensor | None = None,
+        image_index: Tensor | None = None,  # (B,) rows of image_tokens, one per text row
     ) -> TextOutput:
         """Image-grounded text encoder. With `fusion_layers=k` and `text_tokens` (the unimodal
-        output for the same ids), only the k fusion layers run (ALBEF-style reuse)."""
+        output for the same ids), only the k fusion layers run (ALBEF-style reuse). With
+        `image_index`, image_tokens holds each distinct image once (U, N, Dv) and text row b
+        reads image index[b]: its cross-attention keys / values are projected once per image,
+        not once per pair (`image_kv`)."""
         enc = self._require("text_encoder", "multimodal")
         start = 0
         if text_tokens is not None and self.config.text.fusion_layers != "all":
             start = self.config.text.text_only_layers
         layers = range(start, self.config.text.num_layers)
+        cache = None if image_index is None else self.image_kv(image_tokens, image_index)
         return enc(
             None if start else input_ids,
             attention_mask,
-            image=image_tokens,
+            image=image_tokens if cache is None else None,
             image_mask=image_mask,
             layers=layers,
             hidden_in=text_tokens if start else None,
+            cache=cache,
             taps=Taps.of(taps).resolve(layers),
         )
 
-    def itm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def image_kv(self, image_tokens: Tensor, index: Tensor) -> KVCache:
+        """The image-grounded encoder's cross-attention keys / values of U images (U, N, Dv),
+        projected once each and laid out for B text rows (row b: image index[b]). When the
+        index is each image repeated g times in a row (an image's candidate texts), the U rows
+        stay and attention folds the g texts' queries onto them (text.Attention._grouped);
+        otherwise the projected rows are gathered (a copy, not a projection)."""
+        enc = self._require("text_encoder", "image_kv")
+        u, b = image_tokens.shape[0], index.shape[0]
+        runs = torch.arange(u, device=index.device).repeat_interleave(b // u)
+        grouped = b % u == 0 and runs.shape[0] == b and torch.equal(index, runs)
+        cache = KVCache.empty(self.config.text.num_layers)
+        for i, layer in enumerate(enc.encoder.layer):
+            if layer.crossattention is not None:
+                k, v = layer.crossattention.project_kv(image_tokens)  # (U, H, N, d)
+                cache.cross_kv[i] = (k, v) if grouped else (k[index], v[index])
+        return cache
+
+    def itm_logits(
+        self,
+        image_tokens: Tensor,  # (B, N, Dv), or (U, N, Dv) distinct images with image_index
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_index: Tensor | None = None,  # (B,) the image of each text row
+    ) -> Tensor:
         """(B, 2) match logits from the multimodal state at position 0; ids used as given."""
         self._require("itm_head", "itm_logits")
-        return self.itm_head(self.multimodal(image_tokens, input_ids, attention_mask).tokens[:, 0])
+        out = self.multimodal(image_tokens, input_ids, attention_mask, image_index=image_index)
+        return self.itm_head(out.tokens[:, 0])
 
     def decode(
         self,

@@ -71,6 +71,20 @@ class _Decoder:
         self.image = None
         return self.model.text_decoder.cls(states)[:, -1].float()
 
+    def reorder(self, rows: Tensor) -> None:
+        """Beam bookkeeping: cache row r becomes old row rows[r]; self-attention only, the
+        beams of one image share its cross-attention keys / values."""
+        self.cache.reorder(rows, cross=False)
+
+
+def stepper(model, image_tokens: Tensor, source_mask: Tensor | None = None):
+    """The decoder loop's stepper: the model's own when it brings one (`step_decoder`, e.g.
+    dlip.inference.ort's ONNX Runtime graphs), else `_Decoder` over its PyTorch modules."""
+    make = getattr(model, "step_decoder", None)
+    if make is not None:
+        return make(image_tokens, source_mask)
+    return _Decoder(model, image_tokens, source_mask)
+
 
 @torch.no_grad()
 def token_by_token(
@@ -86,7 +100,7 @@ def token_by_token(
 ) -> list[list[int]]:
     """One token per row and step over the KV cache until every row has ended: greedy search
     with `choose=argmax`, nucleus sampling with `choose=nucleus(top_p, ...)`."""
-    dec = _Decoder(model, image_tokens, source_mask)
+    dec = stepper(model, image_tokens, source_mask)
     seqs = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     logits = dec.step(prompt, prompt.shape[1])
@@ -217,7 +231,7 @@ def beam_search(
     # once and shared by its K beams (text.Attention._grouped), not once per beam
     reps = 1 if share_image_kv else k
     mask = None if source_mask is None else source_mask.repeat_interleave(reps, dim=0)
-    dec = _Decoder(model, image_tokens.repeat_interleave(reps, dim=0), mask)
+    dec = stepper(model, image_tokens.repeat_interleave(reps, dim=0), mask)
     run_seq = prompt.repeat_interleave(k, dim=0).view(b, k, l0)  # (B, K, L)
     run_score = torch.zeros(b, k, device=dev)
     run_score[:, 1:] = NEG  # all beams start identical: only the first may expand
@@ -265,7 +279,7 @@ def beam_search(
         if not may_improve.any() or hits.all():
             break
         flat_src = (beam_src + torch.arange(b, device=dev)[:, None] * k).flatten()
-        dec.cache.reorder(flat_src, cross=False)  # beams of one image share its K/V
+        dec.reorder(flat_src)  # beams of one image share its cross K/V
         logits = dec.step(run_seq[:, :, -1].reshape(-1, 1), cur)
     lengths = fin[2][:, 0].long().tolist()
     return [fin[0][i, 0, : lengths[i]].tolist() for i in range(b)]
