@@ -35,6 +35,20 @@ def test_bench_latency_writes_a_complete_record(tmp_path):
     assert record["speedup_vs_teacher"] == {}
 
 
+def test_bench_latency_variants_int8_and_onnx_runtime(tmp_path):
+    argv = ["bench", "latency", "--models", "test_tiny", "--teacher", "test_tiny"]
+    argv += ["--image-size", "32", "--warmup", "0", "--repeats", "1", "--threads", "1"]
+    argv += ["--variants", "fp32,int8,onnx_int8", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "latency_cpu.json").read_text())
+    labels = {"test_tiny", "test_tiny+int8", "test_tiny+onnx_int8"}
+    assert {r["model"] for r in record["rows"]} == labels and len(record["rows"]) == 18
+    assert set(record["speedup_vs_fp32"]) == labels - {"test_tiny"}
+    assert all(len(v) == 6 and min(v.values()) > 0 for v in record["speedup_vs_fp32"].values())
+    bad = ["bench", "latency", "--models", "test_tiny", "--out-dir", str(tmp_path / "x")]
+    assert main([*bad, "--variants", "int4"]) == 2
+
+
 def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert main(["bench", "latency", "--models", "nope", "--out-dir", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err

@@ -13,7 +13,13 @@ nearest-rank p95 (= the max when repeats < 20) and the median per item. Rows:
   included; min_length = max_length = 20), the length `dlip.models.counting`'s
   `caption_3beam` FLOPs count: random weights would stop at arbitrary lengths, which would
   make models incomparable.
-Speed-ups are teacher median / model median for the same row, from this one run.
+Variants (`variants`, CPU only beyond fp32), each timed as its own model "NAME+VARIANT":
+`int8` (dynamic int8 linear layers, dlip.inference.quant), `onnx` and `onnx_int8` (the model
+exported by dlip.inference.onnx, float32 or `--quantize int8`, run by ONNX Runtime through
+dlip.inference.ort, same threads). The default fp32 rows already share an image's
+cross-attention keys / values across beams and re-ranked texts.
+Speed-ups are teacher median / model median for the same row, from this one run;
+`speedup_vs_fp32` gives each variant against its own model's fp32 rows.
 On CPU everything is fp32 with `threads` intra-op threads; on CUDA the calls run under bf16
 autocast and each timed call is bracketed by torch.cuda.synchronize.
 """
@@ -23,9 +29,10 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -151,20 +158,63 @@ class Workloads:
         return lambda: method(n)
 
 
+VARIANTS = ("fp32", "int8", "onnx", "onnx_int8")
+
+
+def variant_model(model: BLIP, variant: str, workdir: str) -> Any:
+    """The model run as `variant` (see the module docstring); ONNX exports go to workdir."""
+    from pathlib import Path
+
+    if variant == "fp32":
+        return model
+    if variant == "int8":
+        from dlip.inference.quant import quantize_model
+
+        return quantize_model(model, "int8", torch.device("cpu"), torch.float32)
+    from dlip.inference.onnx import export_onnx, quantize_onnx_dir
+    from dlip.inference.ort import OnnxBLIP
+
+    root = Path(workdir) / model.config.name
+    export_onnx(model, root / "onnx")
+    if variant == "onnx_int8":
+        quantize_onnx_dir(root / "onnx", root / "onnx_int8")
+    return OnnxBLIP(root / variant)
+
+
 def bench_model(
     name: str,
     device: torch.device,
     image_size: int,
     rows: dict[tuple[str, int], tuple[int, int]],
+    variants: Sequence[str] = ("fp32",),
 ) -> list[dict]:
-    """Time every row for preset `name` (random weights, seed 0)."""
+    """Time every row for preset `name` (random weights, seed 0) in each variant."""
+    import tempfile
+
     from dlip.models.presets import create_model
 
     torch.manual_seed(0)
     model = create_model(name, image_size=image_size).eval().to(device)
+    params = sum(p.numel() for p in model.parameters())
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            label = name if variant == "fp32" else f"{name}+{variant}"
+            run = variant_model(model, variant, tmp)
+            out += _time_rows(label, run, device, image_size, rows, params)
+    return out
+
+
+def _time_rows(
+    name: str,
+    model: Any,
+    device: torch.device,
+    image_size: int,
+    rows: dict[tuple[str, int], tuple[int, int]],
+    params: int,
+) -> list[dict]:
     k_max = max([n for task, n in rows if task == "itm_rerank"], default=1)
     work = Workloads(model, device, image_size, k_max)
-    params = sum(p.numel() for p in model.parameters())
     out = []
     for (task, n), (warmup, repeats) in rows.items():
         secs = time_calls(work.call(task, n), warmup, repeats, device.type == "cuda")
@@ -187,6 +237,15 @@ def bench_model(
     return out
 
 
+def variant_speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """"NAME+VARIANT" -> {"task@batch": NAME's fp32 median / the variant's median}."""
+    out: dict[str, dict[str, float]] = {}
+    for label in sorted({r["model"] for r in rows if "+" in r["model"]}):
+        base = label.split("+")[0]
+        out |= speedups([r for r in rows if r["model"] in (base, label)], base)
+    return out
+
+
 def speedups(rows: list[dict], teacher: str) -> dict[str, dict[str, float]]:
     """model -> {"task@batch": teacher median / model median} for rows the teacher has."""
     ref = {(r["task"], r["batch"]): r["median_ms"] for r in rows if r["model"] == teacher}
@@ -206,9 +265,15 @@ def run_latency(
     warmup: int | None = None,
     repeats: int | None = None,
     teacher: str = TEACHER,
+    variants: Sequence[str] = ("fp32",),
 ) -> dict:
     """The latency record of `models` on `device`; `warmup` / `repeats` replace the table's."""
     dev = torch.device(device)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"--variants {list(variants)}: choose from {VARIANTS}")
+    if dev.type != "cpu" and list(variants) != ["fp32"]:
+        raise ValueError(f"--variants {list(variants)}: int8 and ONNX Runtime rows are CPU only")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: torch sees no CUDA device")
     if dev.type not in ("cpu", "cuda"):
@@ -226,7 +291,7 @@ def run_latency(
         for row, plan in table.items()
     }
     start = time.perf_counter()
-    rows = [r for name in models for r in bench_model(name, dev, image_size, rows_plan)]
+    rows = [r for name in models for r in bench_model(name, dev, image_size, rows_plan, variants)]
     return {
         "benchmark": "latency",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -241,5 +306,7 @@ def run_latency(
         "teacher": teacher,
         "total_seconds": time.perf_counter() - start,
         "rows": rows,
+        "variants": list(variants),
         "speedup_vs_teacher": speedups(rows, teacher),
+        "speedup_vs_fp32": variant_speedups(rows),
     }

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per row (all rows)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (all rows)")
+    p.add_argument(
+        "--variants", default="fp32",
+        help="latency: comma list of fp32, int8, onnx, onnx_int8 (CPU; each its own rows)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
 
@@ -71,6 +75,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             repeats=args.repeats,
             teacher=args.teacher,
+            variants=[v.strip() for v in args.variants.split(",") if v.strip()],
         )
         for model, ratios in record["speedup_vs_teacher"].items():
             print(
