@@ -238,7 +238,7 @@ def _time_rows(
 
 
 def variant_speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """"NAME+VARIANT" -> {"task@batch": NAME's fp32 median / the variant's median}."""
+    """Per NAME+VARIANT label: {"task@batch": fp32 median of NAME / the variant median}."""
     out: dict[str, dict[str, float]] = {}
     for label in sorted({r["model"] for r in rows if "+" in r["model"]}):
         base = label.split("+")[0]
