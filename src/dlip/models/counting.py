@@ -125,8 +125,9 @@ def caption_flops(
 
     Beam search is data-dependent (top-k, stopping), which the meta device cannot run, so the
     count is composed from the decoder calls `dlip.models.generation.beam_search` makes when no
-    beam stops early: the prompt step at batch `num_beams` over the one image (its
-    cross-attention keys/values projected once and shared by the beams), then
+    beam stops early: the prompt step once over the one image (the beams start from the same
+    prompt; the image's cross-attention keys/values projected once and shared by the beams),
+    then
     one KV-cached step per further token at batch `num_beams`, the self-attention cache holding
     prompt_len, ..., caption_len - 2 tokens; the LM head runs on the last position of each call.
     A cached step's FLOPs are affine in the cache length (only the self-attention scores and
@@ -149,14 +150,16 @@ def caption_flops(
 
     def call(new_ids: Tensor, image: Tensor | None, step_cache: KVCache) -> None:
         past = step_cache.length
-        mask = torch.ones(num_beams, past + new_ids.shape[1], dtype=torch.long, device=dev)
+        mask = torch.ones(new_ids.shape[0], past + new_ids.shape[1], dtype=torch.long, device=dev)
         states = model.decode(image, new_ids, mask, cache=step_cache).tokens[:, -1:]  # (K, 1, Dt)
         model.text_decoder.cls(states)
 
     def step() -> None:  # one new token per beam, on a copy of the cache (left as it was)
         call(ids[:, :1], None, KVCache(list(cache.self_kv), list(cache.cross_kv)))
 
-    total = _flops(lambda: call(ids, image, cache))  # prompt step; fills the cache
+    total = _flops(lambda: call(ids[:1], image, cache))  # prompt step, once; fills the cache
+    cache.self_kv = [(k.repeat(num_beams, 1, 1, 1), v.repeat(num_beams, 1, 1, 1))
+                     for k, v in cache.self_kv]  # fmt: skip
     first = _flops(step)  # cache holds prompt_len tokens
     call(ids[:, :1], None, cache)  # grow the cache by one token (not counted)
     slope = _flops(step) - first

@@ -64,17 +64,39 @@ class _Decoder:
 
     def step(self, ids: Tensor, total_len: int) -> Tensor:
         """(B', T) new ids -> (B', V) float32 logits of the last position."""
+        g = _prompt_group(ids, self.image)
+        if g > 1:  # the prompt once per image, not once per beam: rows b*g..b*g+g-1 equal
+            ids = ids[::g]
         mask = torch.ones(ids.shape[0], total_len, dtype=torch.long, device=ids.device)
         states = self.model.decode(
             self.image, ids, mask, cache=self.cache, source_mask=self.source_mask
         ).tokens[:, -1:]
         self.image = None
-        return self.model.text_decoder.cls(states)[:, -1].float()
+        logits = self.model.text_decoder.cls(states)[:, -1].float()  # (B' / g, V)
+        if g > 1:
+            self.cache.self_kv = [_repeat_rows(kv, g) for kv in self.cache.self_kv]
+            logits = logits.repeat_interleave(g, 0)
+        return logits
 
     def reorder(self, rows: Tensor) -> None:
         """Beam bookkeeping: cache row r becomes old row rows[r]; self-attention only, the
         beams of one image share its cross-attention keys / values."""
         self.cache.reorder(rows, cross=False)
+
+
+def _repeat_rows(kv: tuple[Tensor, Tensor] | None, g: int) -> tuple[Tensor, Tensor] | None:
+    """(B, H, T, d) keys and values -> (B*g, H, T, d), each row g times in a row."""
+    return None if kv is None else (kv[0].repeat_interleave(g, 0), kv[1].repeat_interleave(g, 0))
+
+
+def _prompt_group(ids: Tensor, image: Tensor | None) -> int:
+    """g > 1 when the first step gives g identical prompt rows per image (beam search with
+    shared image K/V); 1 otherwise (later steps, greedy, or one image row per beam)."""
+    if image is None or ids.shape[0] <= image.shape[0] or ids.shape[0] % image.shape[0]:
+        return 1
+    g = ids.shape[0] // image.shape[0]
+    rows = ids.view(image.shape[0], g, -1)
+    return g if bool((rows == rows[:, :1]).all()) else 1
 
 
 def stepper(model, image_tokens: Tensor, source_mask: Tensor | None = None):
