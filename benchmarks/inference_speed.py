@@ -13,6 +13,7 @@ calls interleaved (A, B, A, B, ...), median ms:
 - with `--onnx` (models in `--onnx-models`, exported once by `dlip export onnx` into a temporary
   folder, float32 and `--quantize int8`): both rows again run by ONNX Runtime
   (`Predictor.load(onnx_dir)`'s backend, dlip.inference.ort), same thread count;
+- `preprocess`: a bundled photo's JPEG bytes -> pixels, dlip's PIL decode vs torchvision.io's;
 - `itm_rerank`: BLIP's re-rank of 2 images x 16 candidate texts each (35 tokens), each image's
   cross-attention keys / values projected per pair vs once per image (`share_image_kv`).
 The ids of the shared and per-beam captions are compared (they must be equal), and so are the
@@ -24,6 +25,7 @@ on the demo's test split in float32 and int8 (retrieval r_mean, caption CIDEr / 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -123,6 +125,31 @@ def itm_speed(model, repeats: int) -> dict:
             "itm_speedup_shared": round(ms["per_pair"] / ms["shared"], 2)}  # fmt: skip
 
 
+def preprocess_speed(threads: int, repeats: int, image_size: int) -> dict:
+    """One bundled photo's bytes -> normalised pixels: dlip's path (PIL decode with its checks,
+    EXIF orientation, then the resize on a uint8 tensor) vs torchvision.io's decoder + the same
+    transform; max abs pixel difference between the two."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    import dlip
+    from dlip.images import decode_rgb
+    from dlip.models.presets import get_config
+    from dlip.transforms import eval_transform
+
+    torch.set_num_threads(threads)
+    data = (Path(dlip.__file__).parent / "assets/photos/chelsea.jpg").read_bytes()
+    cfg = get_config("dlip_small")
+    tf = eval_transform(cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=image_size)))
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    calls = {
+        "pil": lambda: tf(decode_rgb(data)),
+        "torchvision_io": lambda: tf(decode_image(raw, mode=ImageReadMode.RGB)),
+    }
+    diff = (calls["pil"]() - calls["torchvision_io"]()).abs().max().item()
+    ms = interleaved(calls, repeats * 3)
+    return {"preprocess_ms": ms, "preprocess_max_abs_diff": round(diff, 4)}
+
+
 def speed(name: str, threads: int, repeats: int, image_size: int) -> dict:
     import dlip
     from dlip.inference.quant import quantize_model
@@ -159,7 +186,7 @@ def speed(name: str, threads: int, repeats: int, image_size: int) -> dict:
                        "shared_int8": caption(int8, True)}, repeats)  # fmt: skip
     emb1 = interleaved({"fp32": embed(fp32, 1), "int8": embed(int8, 1)}, repeats)
     emb8 = interleaved({"fp32": embed(fp32, 8), "int8": embed(int8, 8)}, max(3, repeats // 2))
-    return itm_speed(fp32, repeats) | {
+    return itm_speed(fp32, repeats) | preprocess_speed(threads, repeats, image_size) | {
         "model": name, "threads": threads, "image_size": image_size,
         "caption_ids": caption(fp32, True)(),
         "caption_3beam_ms": cap, "caption_ids_equal_shared_vs_per_beam": same_ids,

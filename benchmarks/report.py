@@ -415,6 +415,76 @@ def index_search(record: dict) -> str:
     return note + "\n\n" + table(header, rows)
 
 
+def _variants(ms: dict[str, float], ref: str) -> str:
+    """'shared 12.3 ms (1.40x), ...' against ms[ref]."""
+    return ", ".join(f"{k} {num(v)} ms ({ms[ref] / v:.2f}x)" for k, v in ms.items() if k != ref)
+
+
+def _speed_check(r: dict) -> str:
+    text = f"{r['model']} t{r['threads']}: ids shared = per-beam "
+    text += str(r["caption_ids_equal_shared_vs_per_beam"])
+    if r.get("onnx"):
+        text += f", ONNX = PyTorch {r['onnx']['caption_ids_equal_onnx_vs_torch']}"
+    text += f", ITM shared = per-pair {r['itm_scores_equal']}"
+    return text + f", pixels PIL vs torchvision.io max diff {r['preprocess_max_abs_diff']}"
+
+
+def inference_speed(record: dict) -> str:
+    header = ["model", "threads", "workload", "reference ms", "variants: ms (speed-up)"]
+    rows = []
+    for r in record["speed"]:
+        onnx = r.get("onnx") or {}
+
+        def both(key: str, r: dict = r, onnx: dict = onnx) -> dict[str, float]:
+            return r[key] | onnx.get(key, {})
+
+        work = [
+            ("caption, 3 beams, 20 tokens", "per_beam", both("caption_3beam_ms")),
+            ("image embed, batch 1", "fp32", both("image_embed_b1_ms")),
+            ("image embed, batch 8", "fp32", both("image_embed_b8_ms")),
+            ("ITM re-rank, 2 images x 16 texts", "per_pair", r["itm_rerank_2x16_ms"]),
+            ("JPEG bytes -> pixels (451x300 photo)", "pil", r["preprocess_ms"]),
+        ]
+        for name, ref, ms in work:
+            rows.append([r["model"], str(r["threads"]), name, f"{ref} {num(ms[ref])}",
+                         _variants(ms, ref)])  # fmt: skip
+    checks = "; ".join(_speed_check(r) for r in record["speed"])
+    size = record["speed"][0]["image_size"]
+    note = f"Random preset weights at {size} px, calls interleaved, median ms. Checks: {checks}."
+    return note + "\n\n" + table(header, rows)
+
+
+def int8_accuracy(record: dict) -> str:
+    header = ["demo model / task", "metric", "float32", "int8", "int8 - float32"]
+    rows = []
+    for name, row in (record.get("accuracy") or {}).items():
+        for metric in row["fp32"]:
+            rows.append([name, metric, f"{row['fp32'][metric]:.3f}", f"{row['int8'][metric]:.3f}",
+                         f"{row['delta'][metric]:+.3f}"])  # fmt: skip
+    return table(header, rows)
+
+
+def serve_load(record: dict) -> str:
+    header = ["threads", "max batch", "requests", "requests/s", "p50 s", "p95 s", "batches"]
+    header += ["largest", "identical to single", "speed-up"]
+    rows = []
+    for name, res in record["results"].items():
+        for setting in ("max_batch_1", "max_batch_8"):
+            r = res[setting]
+            b = r["batching"]
+            gain = f"{res['speedup_requests_per_s']:.2f}x" if setting == "max_batch_8" else "1"
+            rows.append([
+                name.split("_")[1], setting.split("_")[-1], str(r["requests"]),
+                f"{r['requests_per_s']:.2f}", f"{r['p50_s']:.2f}", f"{r['p95_s']:.2f}",
+                str(b["batches"]), str(b["largest"]), str(r["identical_to_single"]), gain,
+            ])  # fmt: skip
+    note = (
+        f"`{record['model']}`, {record['clients']} concurrent clients x "
+        f"{record['requests_per_client']} captions each on loopback."
+    )
+    return note + "\n\n" + table(header, rows)
+
+
 # region name -> (results file, renderer)
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "size": ("model_size.json", size_tables),
@@ -438,6 +508,9 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "thumbnail_memory_before": ("thumbnail_memory_before.json", thumbnail_memory),
     "vqa_latency": ("vqa_latency_cpu.json", vqa_latency),
     "index_search": ("index_search_cpu.json", index_search),
+    "inference_speed": ("inference_speed_cpu.json", inference_speed),
+    "int8_accuracy": ("inference_speed_cpu.json", int8_accuracy),
+    "serve_load": ("serve_load_cpu.json", serve_load),
 }
 
 
