@@ -443,7 +443,7 @@ def inference_speed(record: dict) -> str:
             ("image embed, batch 1", "fp32", both("image_embed_b1_ms")),
             ("image embed, batch 8", "fp32", both("image_embed_b8_ms")),
             ("ITM re-rank, 2 images x 16 texts", "per_pair", r["itm_rerank_2x16_ms"]),
-            ("JPEG bytes -> pixels (451x300 photo)", "pil", r["preprocess_ms"]),
+            ("JPEG bytes -> pixels (384x255 photo)", "pil", r["preprocess_ms"]),
         ]
         for name, ref, ms in work:
             rows.append([r["model"], str(r["threads"]), name, f"{ref} {num(ms[ref])}",
