@@ -415,6 +415,22 @@ def index_search(record: dict) -> str:
     return note + "\n\n" + table(header, rows)
 
 
+def variant_speedup_table(record: dict) -> str:
+    """`dlip bench latency --variants`: each variant against its own model's fp32 rows."""
+    keys = list(dict.fromkeys(f"{r['task']}@{r['batch']}" for r in record["rows"]))
+    labels = [
+        f"{TASK_NAMES.get(t, t)} ({'k' if t == 'itm_rerank' else 'batch'} {n})"
+        for t, n in (k.split("@") for k in keys)
+    ]
+    rows = [
+        [model, *[f"{ratios[k]:.2f}x" if k in ratios else "" for k in keys]]
+        for model, ratios in record["speedup_vs_fp32"].items()
+    ]
+    return "Speed-up = the fp32 median / the variant's median, same run.\n\n" + table(
+        ["variant", *labels], rows
+    )
+
+
 def _variants(ms: dict[str, float], ref: str) -> str:
     """'shared 12.3 ms (1.40x), ...' against ms[ref]."""
     return ", ".join(f"{k} {num(v)} ms ({ms[ref] / v:.2f}x)" for k, v in ms.items() if k != ref)
@@ -499,6 +515,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "train_throughput": ("train_throughput_cpu.json", train_throughput),
     "lm_head_step": ("lm_head_step_cpu.json", lm_head_step),
     "hf_speed": ("hf_speed_cpu.json", hf_speed),
+    "hf_speed_2t": ("hf_speed_cpu_2t.json", hf_speed),
     "kd_experiment": ("kd_experiment.json", kd_experiment),
     "gpu_check": ("gpu_check.json", gpu_check),
     "gpu_train_eager": ("gpu_train_eager.json", gpu_train),
@@ -509,6 +526,8 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "vqa_latency": ("vqa_latency_cpu.json", vqa_latency),
     "index_search": ("index_search_cpu.json", index_search),
     "inference_speed": ("inference_speed_cpu.json", inference_speed),
+    "latency_variants": ("latency_variants_cpu.json", latency_table),
+    "latency_variants_speedup": ("latency_variants_cpu.json", variant_speedup_table),
     "int8_accuracy": ("inference_speed_cpu.json", int8_accuracy),
     "serve_load": ("serve_load_cpu.json", serve_load),
 }

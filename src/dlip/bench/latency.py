@@ -175,7 +175,8 @@ def variant_model(model: BLIP, variant: str, workdir: str) -> Any:
     from dlip.inference.ort import OnnxBLIP
 
     root = Path(workdir) / model.config.name
-    export_onnx(model, root / "onnx")
+    if not (root / "onnx" / "manifest.json").is_file():  # onnx and onnx_int8 share one export
+        export_onnx(model, root / "onnx")
     if variant == "onnx_int8":
         quantize_onnx_dir(root / "onnx", root / "onnx_int8")
     return OnnxBLIP(root / variant)

@@ -27,8 +27,10 @@ fails the export with an `ExportParityError` naming the graph, output and differ
 from __future__ import annotations
 
 import json
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +217,7 @@ def quantize_onnx_dir(src: str | Path, dst: str | Path, rtol: float = 0.1) -> di
     for name, entry in manifest["graphs"].items():
         prepared = dst / f".prep_{entry['file']}"
         _fold_weight_transposes(src / entry["file"], prepared)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_root_log():  # "consider pre-processing" notes
             warnings.simplefilter("ignore")
             quantize_dynamic(
                 prepared, dst / entry["file"], weight_type=QuantType.QInt8,
@@ -236,6 +238,17 @@ def quantize_onnx_dir(src: str | Path, dst: str | Path, rtol: float = 0.1) -> di
     }
     write_json(dst / MANIFEST, manifest)
     return manifest
+
+
+@contextmanager
+def _quiet_root_log() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice through the root logger; keep it off the console."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _fold_weight_transposes(path: Path, out: Path) -> int:
