@@ -30,13 +30,9 @@ def quantize_model(model: nn.Module, kind: str, device: torch.device, dtype: tor
         raise ValueError(
             f"quantize=int8 runs float32 models on the CPU (got device {device}, dtype {dtype})"
         )
-    from torch.ao.quantization import (
-        default_dynamic_qconfig,
-        per_channel_dynamic_qconfig,
-        quantize_dynamic,
-    )
+    # per-channel weights: each output row its own scale
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    del default_dynamic_qconfig  # per-channel weights: each output row its own scale
     with warnings.catch_warnings():  # torch marks torch.ao.quantization as deprecated
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
