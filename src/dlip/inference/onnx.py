@@ -39,10 +39,10 @@ import torch
 
 from dlip.fileio import write_json
 from dlip.inference.onnx_graphs import DecoderNext, GraphSpec, Shape, cross_layers, graph_specs
+from dlip.inference.ort import FORMAT, MANIFEST, cpu_session
 from dlip.models.blip import BLIP
 from dlip.tokenizer import Tokenizer
 
-MANIFEST = "manifest.json"
 GRAPHS = ("image_encoder", "text_encoder", "itm", "decoder_first", "decoder_next")
 VQA_GRAPHS = ("image_encoder", "question_encoder", "answer_decoder")
 # Export example sizes: >= 2 and pairwise distinct so torch.export neither specialises a dim
@@ -126,12 +126,7 @@ def _name_axes(values, shapes: dict[str, Shape], graph: str) -> None:
 
 def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """One onnxruntime CPU run; outputs in graph order."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    return cpu_session(path).run(None, feeds)
 
 
 def check_parity(spec: GraphSpec, path: Path, atol: float, seed: int = 0) -> dict[str, float]:
@@ -214,6 +209,7 @@ def quantize_onnx_dir(src: str | Path, dst: str | Path, rtol: float = 0.1) -> di
     if src.resolve() == dst.resolve():
         raise ValueError(f"quantize_onnx_dir: write to another directory than {src}")
     dst.mkdir(parents=True, exist_ok=True)
+    vocab = manifest["tokenizer"]["vocab_size"]  # random ids for the error check
     for name, entry in manifest["graphs"].items():
         prepared = dst / f".prep_{entry['file']}"
         _fold_weight_transposes(src / entry["file"], prepared)
@@ -225,7 +221,6 @@ def quantize_onnx_dir(src: str | Path, dst: str | Path, rtol: float = 0.1) -> di
             )  # fmt: skip
         for leftover in dst.glob(f"{prepared.name}*"):
             leftover.unlink()
-        vocab = manifest["tokenizer"]["vocab_size"]
         entry["int8_rel_error"] = _int8_error(
             name, (src / entry["file"], dst / entry["file"]), vocab, rtol
         )
@@ -304,13 +299,7 @@ def _random_feeds(session: Any, vocab: int, seed: int) -> dict[str, np.ndarray]:
 
 def _int8_error(name: str, files: tuple[Path, Path], vocab: int, rtol: float) -> dict[str, float]:
     """Relative L2 error ||int8 - fp32|| / ||fp32|| per output on random inputs."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sessions = [
-        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in files
-    ]
+    sessions = [cpu_session(p) for p in files]
     feeds = _random_feeds(sessions[0], vocab, seed=0)
     ref, got = (s.run(None, feeds) for s in sessions)
     names = [o.name for o in sessions[0].get_outputs()]
@@ -360,7 +349,7 @@ def _manifest(
     cfg = model.config
     t = cfg.text
     return {
-        "format": "dlip-onnx/1",
+        "format": FORMAT,
         "source": source,
         # the PyTorch model's weight hash: an index built with either backend serves the other
         "fingerprint": model_fingerprint(model),

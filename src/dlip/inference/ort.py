@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from dlip.models.config import ModelConfig
+from dlip.models.generation import prompt_group
 
 FORMAT = "dlip-onnx/1"
-MANIFEST = "manifest.json"  # the same name dlip.inference.onnx writes
+MANIFEST = "manifest.json"  # beside the graphs dlip.inference.onnx writes
 
 
 @dataclass
@@ -41,14 +42,16 @@ def is_onnx_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _session(path: Path, threads: int) -> Any:
+def cpu_session(path: Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session, quiet below errors; `threads` intra-op threads (one
+    inter-op) when given, else onnxruntime's default."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -82,7 +85,7 @@ class OnnxBLIP:
         if missing:
             raise ValueError(f"{root}: graphs {missing} missing (exported: {sorted(graphs)})")
         self.sessions = {
-            name: _session(root / entry["file"], self.threads) for name, entry in graphs.items()
+            name: cpu_session(root / entry["file"], self.threads) for name, entry in graphs.items()
         }
         self.cross_layers: list[int] = (manifest.get("decoder") or {}).get(
             "cross_attention_layers", []
@@ -162,16 +165,14 @@ class OrtDecoder:
 
     def _first(self, ids: Tensor) -> Tensor:
         """The prompt step: one decoder_first row per image, repeated for its g beams when the
-        g rows of each image hold the same prompt (beam search's first step)."""
+        g rows of each image hold the same prompt (beam search's first step), else one per row."""
         b, rows = self.image.shape[0], ids.shape[0]
         if rows % b:
             raise ValueError(f"{rows} decoder rows for {b} images: not a multiple")
-        g = rows // b
-        per_image = ids.view(b, g, -1)
-        if g > 1 and not bool((per_image == per_image[:, :1]).all()):
-            raise ValueError("the beams of one image must start from the same prompt")
-        first = per_image[:, 0]  # (B, L0)
-        feeds = {"image_embeds": self.image.float(), "input_ids": first}
+        g = prompt_group(ids, self.image)
+        first = ids[::g]  # (rows / g, L0): one row per image when its beams share the prompt
+        image = self.image.repeat_interleave(first.shape[0] // b, dim=0)
+        feeds = {"image_embeds": image.float(), "input_ids": first}
         feeds["attention_mask"] = torch.ones_like(first)
         out = self.model._run("decoder_first", feeds)
         n_self = 2 * self.num_layers

@@ -64,7 +64,7 @@ class _Decoder:
 
     def step(self, ids: Tensor, total_len: int) -> Tensor:
         """(B', T) new ids -> (B', V) float32 logits of the last position."""
-        g = _prompt_group(ids, self.image)
+        g = prompt_group(ids, self.image)
         if g > 1:  # the prompt once per image, not once per beam: rows b*g..b*g+g-1 equal
             ids = ids[::g]
         mask = torch.ones(ids.shape[0], total_len, dtype=torch.long, device=ids.device)
@@ -89,7 +89,7 @@ def _repeat_rows(kv: tuple[Tensor, Tensor] | None, g: int) -> tuple[Tensor, Tens
     return None if kv is None else (kv[0].repeat_interleave(g, 0), kv[1].repeat_interleave(g, 0))
 
 
-def _prompt_group(ids: Tensor, image: Tensor | None) -> int:
+def prompt_group(ids: Tensor, image: Tensor | None) -> int:
     """g > 1 when the first step gives g identical prompt rows per image (beam search with
     shared image K/V); 1 otherwise (later steps, greedy, or one image row per beam)."""
     if image is None or ids.shape[0] <= image.shape[0] or ids.shape[0] % image.shape[0]:
