@@ -20,7 +20,7 @@ def _info(name: str, image_size: int | None = None) -> dict:
 
 def test_blip_base_params_match_blip():
     p = _info("blip_base")["params"]
-    # ViT-B/16: 12 blocks of 7,087,872 + embeddings/norm (REFERENCE: 85.80M).
+    # ViT-B/16: 12 blocks of 7,087,872 + embeddings/norm (timm vit_base_patch16_224: 85.80M).
     assert p["vision"] == 85_798_656
     # Cross-attention of 12 layers, each q/out 768x768 + k/v 768x768 (+ biases, LayerNorm).
     assert p["fusion"] == 12 * (4 * (768 * 768 + 768) + 2 * 768)
@@ -51,7 +51,7 @@ def test_student_params():
 
 def test_flops_match_known_counts():
     base, small = _info("blip_base")["flops"], _info("dlip_small")["flops"]
-    # fvcore GMACs from REFERENCE (x2 = FLOPs): ViT-B 17.56, BERT-base 30 tokens 2.57.
+    # published fvcore GMACs (x2 = FLOPs): ViT-B 17.56, BERT-base 30 tokens 2.57.
     assert base["image_embed"] == pytest.approx(2 * 17.56e9, rel=2e-3)
     assert base["text_embed"] == pytest.approx(2 * 2.57e9, rel=3e-3)
     assert small["image_embed"] == pytest.approx(9.20e9, rel=2e-3)  # ViT-S/16, flop_counter
